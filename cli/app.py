@@ -1,0 +1,309 @@
+"""reflow: turn slow diffusion models into fast few-step generators by rectified-flow distillation.
+
+Time convention everywhere: t = 0 is noise, t = 1 is data.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from reflow import __version__
+from reflow.errors import ReflowError
+
+app = typer.Typer(
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    import diffusers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def user_errors(fn):
+    """Show a ReflowError as one red line and exit with code 2; anything else is a bug with a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            _quiet_libraries()
+            return fn(*args, **kwargs)
+        except ReflowError as e:
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+        disable=os.environ.get("LOCAL_RANK", "0") != "0",
+    )
+
+
+def _device():
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def _parse_nfes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ReflowError(f"--nfe takes comma-separated step counts like 1,2,4; got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ReflowError(f"--nfe takes positive step counts like 1,2,4; got {text!r}")
+    return values
+
+
+# Options shared by the training commands.
+MaxSteps = Annotated[int | None, typer.Option(help="Optimizer steps.", rich_help_panel="Training")]
+BatchSize = Annotated[int | None, typer.Option(help="Global batch per step (all processes).", rich_help_panel="Training")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).", rich_help_panel="Training")]
+Seed = Annotated[int | None, typer.Option(help="Seed of the data order, noise and times.", rich_help_panel="Training")]
+CheckpointEvery = Annotated[int | None, typer.Option(help="Save a resumable checkpoint every N steps.", rich_help_panel="Training")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of this --out.", rich_help_panel="Training")]
+MixedPrecision = Annotated[str | None, typer.Option(help="no, fp16 or bf16 (a no-op on CPU).", rich_help_panel="Training")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML file with any training setting; flags override it.", rich_help_panel="Training")]
+TimeSampler = Annotated[str | None, typer.Option(help="Training-time distribution: uniform, logit_normal, u_shaped.", rich_help_panel="Method")]
+Loss = Annotated[str | None, typer.Option(help="l2 or pseudo_huber.", rich_help_panel="Method")]
+EmaDecay = Annotated[float | None, typer.Option(help="EMA decay of the saved weights.", rich_help_panel="Method")]
+
+
+def _run_training(config) -> None:
+    from reflow.training import train
+
+    with _progress() as bar:
+        task = bar.add_task("train", total=config.max_steps, info="")
+
+        def on_step(step: int, total: int, loss: float, sps: float) -> None:
+            bar.update(task, completed=step, info=f"loss {loss:.4f}  {sps:,.0f} samples/s")
+
+        result = train(config, progress=on_step)
+    console.print(
+        f"wrote [bold]{result.out}[/bold]: {result.steps} steps, final loss {result.loss:.4f}, "
+        f"{result.samples_per_second:,.0f} samples/s"
+    )
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    out: Annotated[Path, typer.Option(help="Model folder to write (save_pretrained).")],
+    data: Annotated[str | None, typer.Option(help="Round 1 from data: checkerboard, moons, 8gaussians, digits, a .npy file or a save_to_disk folder.")] = None,
+    pairs: Annotated[Path | None, typer.Option(help="Reflow round: a pairs folder from `reflow generate`.")] = None,
+    init: Annotated[Path | None, typer.Option(help="Model folder to start from (e.g. the teacher).")] = None,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    seed: Seed = None,
+    checkpoint_every: CheckpointEvery = None,
+    resume: Resume = False,
+    mixed_precision: MixedPrecision = None,
+    config: ConfigFile = None,
+    time_sampler: TimeSampler = None,
+    loss: Loss = None,
+    ema_decay: EmaDecay = None,
+) -> None:
+    """Train a flow: from data (round 1, independent coupling) or from teacher pairs (reflow)."""
+    from reflow.training import TrainConfig
+
+    overrides = dict(
+        out=str(out), data=data, pairs=str(pairs) if pairs else None, init=str(init) if init else None,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+        resume=resume or None, mixed_precision=mixed_precision, time_sampler=time_sampler, loss=loss,
+        ema_decay=ema_decay,
+    )
+    if config is not None:
+        cfg = TrainConfig.from_toml(config, **overrides)
+    else:
+        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    _run_training(cfg)
+
+
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    teacher: Annotated[Path, typer.Option(help="Teacher model folder.")],
+    out: Annotated[Path, typer.Option(help="Pairs folder to write (datasets save_to_disk).")],
+    num_pairs: Annotated[int, typer.Option(help="Number of (z0, z1) pairs.")],
+    nfe: Annotated[int, typer.Option(help="Teacher network calls per sample (ignored by adaptive).")] = 100,
+    solver: Annotated[str, typer.Option(help="euler, heun or adaptive.")] = "euler",
+    seed: Annotated[int, typer.Option(help="Noise seed: z0 of row i depends on (seed, i) only.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Rows per teacher batch.")] = 4096,
+    dtype: Annotated[str, typer.Option(help="Storage dtype: float32 or float16.")] = "float32",
+    shard_size: Annotated[int | None, typer.Option(help="Rows per shard (the unit of resume).")] = None,
+    round_: Annotated[int, typer.Option("--round", help="Reflow round these pairs train (recorded).")] = 1,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
+) -> None:
+    """Run a teacher on seeded noise and store the coupled pairs (sharded; rerun to resume)."""
+    from reflow.pairs import generate_pairs
+    from reflow.teachers import load_teacher
+
+    t = load_teacher(teacher, nfe=nfe, solver=solver, device=_device(), allow_pickle=allow_pickle)
+    with _progress() as bar:
+        task = bar.add_task("generate", total=num_pairs, info="")
+
+        def on_rows(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        path = generate_pairs(
+            t, out, num_pairs, seed=seed, batch_size=batch_size, dtype=dtype, shard_size=shard_size,
+            round_=round_, progress=on_rows,
+        )
+    console.print(f"wrote [bold]{path}[/bold]: {num_pairs} pairs")
+
+
+@app.command("sample")
+@user_errors
+def sample_cmd(
+    model: Annotated[Path, typer.Option(help="Model folder.")],
+    out: Annotated[Path, typer.Option(help="Where to write the samples (.npy, float32, model space).")],
+    nfe: Annotated[int, typer.Option(help="Network calls (Euler steps on a uniform grid).")] = 1,
+    num: Annotated[int | None, typer.Option(help="Number of samples (with --seed).")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed: sample i starts from row_noise(seed, i).")] = 0,
+    noise: Annotated[Path | None, typer.Option(help="Start from this z0 array (.npy) instead of --num/--seed.")] = None,
+    solver: Annotated[str, typer.Option(help="euler, heun or adaptive.")] = "euler",
+    batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4096,
+) -> None:
+    """Draw samples from a flow model in K network calls."""
+    import torch
+
+    from reflow.io import atomic_write_bytes
+    from reflow.models import load_model
+    from reflow.noise import row_noise
+    from reflow.sampling import sample
+    from reflow.solvers import SOLVERS
+
+    if solver not in SOLVERS:
+        raise ReflowError(f"--solver must be one of {', '.join(SOLVERS)}")
+    if nfe < 1:
+        raise ReflowError(f"--nfe must be at least 1, got {nfe}")
+    if (num is None) == (noise is None):
+        raise ReflowError("give exactly one of --num (with --seed) or --noise z0.npy")
+    if out.suffix != ".npy":
+        raise ReflowError(f"--out must end in .npy, got {out}")
+    m = load_model(model).to(_device()).eval()
+    shape = tuple(m.sample_shape)
+    if noise is not None:
+        if not noise.is_file():
+            raise ReflowError(f"no such file: {noise} (pass a .npy array of noise)")
+        try:
+            arr = np.load(noise, allow_pickle=False)
+        except ValueError as e:
+            raise ReflowError(f"{noise}: not a plain numeric .npy array ({e})") from None
+        if arr.ndim < 1 or tuple(arr.shape[1:]) != shape:
+            raise ReflowError(f"{noise} has shape {arr.shape}; this model needs (N, {', '.join(map(str, shape))})")
+        z0 = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    else:
+        if num < 1:
+            raise ReflowError(f"--num must be at least 1, got {num}")
+        z0 = row_noise(seed, range(num), shape)
+    sol = sample(m, z0, nfe, solver, batch_size=batch_size, device=_device())
+    buf = io.BytesIO()
+    np.save(buf, sol.z1.numpy().astype(np.float32))
+    atomic_write_bytes(out, buf.getvalue())
+    console.print(f"wrote [bold]{out}[/bold]: {len(z0)} samples of shape {shape}, {sol.nfe} network calls")
+
+
+def metrics_table(rows: list[tuple[str, dict]], nfes: list[int]) -> Table:
+    table = Table(title="W2 to reference (lower is better) and straightness")
+    table.add_column("model")
+    for k in nfes:
+        table.add_column(f"W2 @ {k}", justify="right")
+    table.add_column("W2 adaptive (NFE)", justify="right")
+    table.add_column("straightness", justify="right")
+    for name, m in rows:
+        cells = [f"{m['nfe'][str(k)]['w2']:.4f}" for k in nfes]
+        ad = m.get("adaptive")
+        cells.append(f"{ad['w2']:.4f} ({ad['nfe']})" if ad else "-")
+        cells.append(f"{m['straightness']:.4f}")
+        table.add_row(name, *cells)
+    return table
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="Model folder.")],
+    reference: Annotated[str, typer.Option(help="Reference data: a SOURCE or a pairs folder (its z1).")],
+    out: Annotated[Path, typer.Option(help="Report folder (REPORT/metrics.json).")],
+    nfe: Annotated[str, typer.Option(help="Comma-separated network-call counts.")] = "1,2,4",
+    num_samples: Annotated[int, typer.Option(help="Samples per metric.")] = 4000,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 1,
+    adaptive: Annotated[bool, typer.Option(help="Also solve adaptively (dopri5) as the reference solve.")] = True,
+) -> None:
+    """Few-step quality (exact W2 at each NFE and adaptive) and straightness of a flow."""
+    from reflow.evaluation import evaluate, write_report
+
+    nfes = _parse_nfes(nfe)
+    metrics = evaluate(model, reference, nfes, num_samples=num_samples, seed=seed, adaptive=adaptive, device=_device())
+    path = write_report(out, metrics)
+    console.print(metrics_table([(model.name, metrics)], nfes))
+    console.print(f"wrote [bold]{path}[/bold]")
+
+
+@app.command("quickstart")
+@user_errors
+def quickstart_cmd(
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("quickstart-out"),
+    steps: Annotated[int, typer.Option(help="Training steps per round.")] = 4000,
+) -> None:
+    """The embedded default: checkerboard 1-RF -> pairs -> 2-RF -> eval, minutes on a laptop CPU."""
+    from reflow.quickstart import QUICKSTART_NFES, run_quickstart
+
+    with _progress() as bar:
+        task = bar.add_task("quickstart", total=1, info="")
+
+        def on_stage(name: str, done: int, total: int, info: str = "") -> None:
+            bar.update(task, description=name, completed=done, total=total, info=info)
+
+        results = run_quickstart(out, steps=steps, progress=on_stage)
+    console.print(metrics_table(list(results.items()), QUICKSTART_NFES))
+    console.print(f"models, pairs and reports are in [bold]{out}[/bold]")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"reflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    """reflow: rectified-flow distillation into 1-4 step generators (t = 0 noise, t = 1 data)."""
+
+
+def main() -> None:
+    app()

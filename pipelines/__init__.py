@@ -1,0 +1,1 @@
+"""Diffusers-facing code of reflow (sampling pipelines, export), installed as ``reflow.pipelines``."""

@@ -1,0 +1,77 @@
+"""The rectified-flow path, its target and the training losses, in the words of the math.
+
+Convention (fixed project-wide): t = 0 is noise z0 ~ N(0, I), t = 1 is data z1.
+
+    x_t      = (1 - t) z0 + t z1
+    velocity = z1 - z0            (the regression target, constant along each straight path)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A velocity field ``v(x, t)``: x of shape (B, ...), t of shape (B,) in [0, 1]; returns (B, ...)."""
+
+
+def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample tensor of shape (B,) to (B, 1, ..., 1) so it broadcasts against x."""
+    return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+
+
+def interpolate(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The point x_t = (1 - t) z0 + t z1 on the straight path; t has shape (B,)."""
+    t = expand_like(t, z0).to(z0.dtype)
+    return (1 - t) * z0 + t * z1
+
+
+def target_velocity(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+    """The time derivative of the straight path, dx_t/dt = z1 - z0."""
+    return z1 - z0
+
+
+def per_sample_sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """||x_i||^2 summed over every non-batch dimension; shape (B,)."""
+    return x.flatten(1).pow(2).sum(dim=1)
+
+
+def default_huber_c(sample_shape: tuple[int, ...] | torch.Size) -> float:
+    """c = 0.00054 sqrt(d), the pseudo-Huber constant of "Improving the Training of Rectified Flows"
+    (Lee et al. 2024, after iCT), for data of dimension d = prod(sample_shape)."""
+    return 0.00054 * math.sqrt(math.prod(sample_shape))
+
+
+def regression_loss(
+    prediction: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float | None = None
+) -> torch.Tensor:
+    """Per-sample loss between predicted and target velocities, shape (B,).
+
+    - ``l2``: mean over dimensions of the squared error, ||p - y||^2 / d.
+    - ``pseudo_huber``: sqrt(||p - y||^2 + c^2) - c, with c = 0.00054 sqrt(d) unless given.
+    """
+    diff = (prediction - target).float()
+    if kind == "l2":
+        return diff.flatten(1).pow(2).mean(dim=1)
+    if kind == "pseudo_huber":
+        c = default_huber_c(prediction.shape[1:]) if huber_c is None else huber_c
+        return torch.sqrt(per_sample_sq_norm(diff) + c * c) - c
+    raise ValueError(f"unknown loss {kind!r} (choose l2 or pseudo_huber)")
+
+
+LOSSES = ("l2", "pseudo_huber")
+
+
+def flow_matching_loss(
+    velocity: Velocity,
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    t: torch.Tensor,
+    kind: str = "l2",
+    huber_c: float | None = None,
+) -> torch.Tensor:
+    """Conditional flow matching: E_t || v(x_t, t) - (z1 - z0) ||, averaged over the batch (a scalar)."""
+    x_t = interpolate(z0, z1, t)
+    return regression_loss(velocity(x_t, t), target_velocity(z0, z1), kind, huber_c).mean()

@@ -1,0 +1,269 @@
+"""Coupled pairs (z0, z1) on disk as a Hugging Face ``datasets`` dataset.
+
+Columns: ``z0`` (the unit Gaussian the teacher started from), ``z1`` (the teacher's sample), both
+fixed-shape float32 or float16 arrays, and ``index`` (the row's seed index: z0 = row_noise(seed, index)).
+The provenance (teacher, solver, nfe, seed, dtype, round, reflow version) is JSON in the dataset
+info's ``description`` and in a README.md card beside the Arrow files.
+
+Generation is sharded. Work goes to ``PAIRS.partial/``: ``run.json`` (the settings) and one folder per
+finished shard, each written to a temporary name and renamed. A killed run rerun with the same settings
+keeps its finished shards and makes the rest; when all exist, they are joined into ``PAIRS`` (again
+through a temporary name) and ``PAIRS.partial`` is removed. Processes (Accelerate) split the shards
+round-robin, so one process or many write the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import ReflowError
+from .io import atomic_dir, atomic_write_json, atomic_write_text
+from .noise import check_seed, row_noise
+from .teachers import Teacher
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+SHARD_BYTES = 64 * 2**20
+
+
+def pair_features(sample_shape: tuple[int, ...], dtype: str):
+    """Fixed-shape ``datasets`` features for z0/z1 so ``with_format('torch')`` returns stacked tensors."""
+    import datasets
+
+    if len(sample_shape) == 1:
+        array = datasets.Sequence(datasets.Value(dtype), length=sample_shape[0])
+    elif 2 <= len(sample_shape) <= 5:
+        array = getattr(datasets, f"Array{len(sample_shape)}D")(shape=tuple(sample_shape), dtype=dtype)
+    else:
+        raise ReflowError(f"samples of shape {sample_shape} are not supported (1 to 5 dimensions)")
+    return datasets.Features({"z0": array, "z1": array, "index": datasets.Value("int64")})
+
+
+def default_shard_size(sample_shape: tuple[int, ...], dtype: str, batch_size: int) -> int:
+    row_bytes = 2 * math.prod(sample_shape) * (4 if dtype == "float32" else 2)
+    rows = max(batch_size, SHARD_BYTES // row_bytes)
+    return max(batch_size, rows // batch_size * batch_size)
+
+
+def _shard_dir(work: Path, k: int) -> Path:
+    return work / f"shard-{k:05d}"
+
+
+def _write_shard(path: Path, z0: np.ndarray, z1: np.ndarray, index: np.ndarray, features) -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"z0": z0, "z1": z1, "index": index}, features=features)
+    with atomic_dir(path) as tmp:
+        ds.save_to_disk(str(tmp))
+
+
+def dataset_card(provenance: dict[str, Any], num_rows: int) -> str:
+    return "\n".join(
+        [
+            "---",
+            "tags: [reflow, rectified-flow, pairs]",
+            "---",
+            "# reflow pairs",
+            "",
+            f"{num_rows} coupled pairs (z0, z1): z0 is the unit Gaussian noise the teacher started from",
+            "(z0 of row i = row_noise(seed, index[i])), z1 the teacher's output from it.",
+            "Open with `datasets.load_from_disk(PATH)`.",
+            "",
+            "## Provenance",
+            "",
+            "```json",
+            json.dumps(provenance, indent=2, sort_keys=True, default=str),
+            "```",
+            "",
+        ]
+    )
+
+
+def generate_pairs(
+    teacher: Teacher,
+    out: str | Path,
+    num_pairs: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 1024,
+    dtype: str = "float32",
+    shard_size: int | None = None,
+    round_: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Run the teacher on rows 0..num_pairs-1 and write the pairs dataset to ``out``.
+
+    ``progress(done_rows, total_rows)`` is called on this process as rows finish. Returns ``out``.
+    Under Accelerate (torchrun / accelerate launch) every process must call this with the same arguments.
+    """
+    from accelerate import PartialState
+
+    import datasets
+
+    if num_pairs < 1:
+        raise ReflowError(f"--num-pairs must be at least 1, got {num_pairs}")
+    if batch_size < 1:
+        raise ReflowError(f"--batch-size must be at least 1, got {batch_size}")
+    if dtype not in DTYPES:
+        raise ReflowError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        check_seed(seed)
+    except ValueError as e:
+        raise ReflowError(str(e)) from None
+    out = Path(out)
+    shape = tuple(teacher.sample_shape)
+    shard_size = shard_size or default_shard_size(shape, dtype, batch_size)
+    settings = {
+        "teacher": teacher.describe(),
+        "num_pairs": num_pairs,
+        "seed": seed,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "sample_shape": list(shape),
+        "round": round_,
+    }
+    provenance = {**settings, "reflow_version": __version__}
+    state = PartialState()
+
+    def same_settings(recorded: dict[str, Any], where: Path) -> None:
+        diff = sorted(k for k in settings if recorded.get(k) != settings[k])
+        if diff:
+            raise ReflowError(
+                f"{where} was made with other settings ({', '.join(diff)} differ); "
+                "rerun with the same settings to resume, or pick a new --out"
+            )
+
+    if out.exists():
+        info_file = out / "reflow_pairs.json"
+        if not info_file.is_file():
+            raise ReflowError(f"{out} exists and is not a reflow pairs folder; pick a new --out")
+        same_settings(json.loads(info_file.read_text()), out)
+        return out  # already complete
+
+    work = out.parent / f"{out.name}.partial"
+    run_file = work / "run.json"
+    if state.is_main_process:
+        if run_file.is_file():
+            same_settings(json.loads(run_file.read_text()), work)
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_file, settings)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        same_settings(json.loads(run_file.read_text()), work)
+
+    features = pair_features(shape, dtype)
+    num_shards = math.ceil(num_pairs / shard_size)
+    mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
+    todo = [k for k in mine if not _shard_dir(work, k).is_dir()]
+    done_rows = sum(min(shard_size, num_pairs - k * shard_size) for k in mine if k not in todo)
+    total_rows = sum(min(shard_size, num_pairs - k * shard_size) for k in mine)
+    if progress:
+        progress(done_rows, total_rows)
+
+    # Storage runs on a background thread so the teacher never waits for Arrow writes.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future | None = None
+        for k in todo:
+            start, stop = k * shard_size, min((k + 1) * shard_size, num_pairs)
+            z0_parts, z1_parts = [], []
+            for b in range(start, stop, batch_size):
+                idx = range(b, min(b + batch_size, stop))
+                z0 = row_noise(seed, idx, shape)
+                z1 = teacher(z0)
+                if not torch.isfinite(z1).all():
+                    raise ReflowError(f"the teacher produced NaN/inf on rows {idx.start}-{idx.stop - 1}; check it")
+                z0_parts.append(z0.to(DTYPES[dtype]).numpy())
+                z1_parts.append(z1.detach().to("cpu", DTYPES[dtype]).numpy())
+                done_rows += len(idx)
+                if progress:
+                    progress(done_rows, total_rows)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(
+                _write_shard,
+                _shard_dir(work, k),
+                np.concatenate(z0_parts),
+                np.concatenate(z1_parts),
+                np.arange(start, stop, dtype=np.int64),
+                features,
+            )
+        if pending is not None:
+            pending.result()
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        parts = [datasets.load_from_disk(str(_shard_dir(work, k))) for k in range(num_shards)]
+        ds = datasets.concatenate_datasets(parts)
+        ds.info.description = json.dumps(provenance, sort_keys=True)
+        with atomic_dir(out) as tmp:
+            ds.save_to_disk(str(tmp), num_shards=num_shards)
+            atomic_write_json(tmp / "reflow_pairs.json", provenance)
+            atomic_write_text(tmp / "README.md", dataset_card(provenance, len(ds)))
+        shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
+    return out
+
+
+@dataclass
+class Pairs:
+    """A pairs dataset opened for training: z0/z1 tensors (float32, CPU) and the provenance."""
+
+    z0: torch.Tensor
+    z1: torch.Tensor
+    index: torch.Tensor
+    provenance: dict[str, Any]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.z0.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.z0)
+
+
+def load_pairs(path: str | Path) -> Pairs:
+    """Open and check a pairs dataset written by ``generate_pairs`` (or by hand with the same columns)."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        hint = f" (an unfinished run is in {path}.partial: rerun `reflow generate`)" if Path(f"{path}.partial").is_dir() else ""
+        raise ReflowError(f"no such pairs folder: {path}{hint}")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise ReflowError(f"{path} is not a pairs dataset written by `reflow generate` ({type(e).__name__})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    missing = [c for c in ("z0", "z1") if c not in ds.column_names]
+    if missing:
+        raise ReflowError(f"{path} lacks column(s) {', '.join(missing)}; pairs need z0 and z1")
+    if len(ds) == 0:
+        raise ReflowError(f"{path} holds no rows; regenerate it")
+    np_ds = ds.with_format("numpy")
+    try:
+        z0 = np.asarray(np_ds["z0"], dtype=np.float32)
+        z1 = np.asarray(np_ds["z1"], dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ReflowError(f"{path}: z0/z1 rows have different shapes; pairs need one fixed shape") from None
+    if z0.shape != z1.shape or z0.ndim < 2:
+        raise ReflowError(f"{path}: z0 has shape {z0.shape} but z1 has {z1.shape}; they must match as (N, ...)")
+    if not (np.isfinite(z0).all() and np.isfinite(z1).all()):
+        raise ReflowError(f"{path} holds NaN or inf values; regenerate it")
+    index = np.asarray(np_ds["index"]) if "index" in ds.column_names else np.arange(len(ds))
+    try:
+        provenance = json.loads(ds.info.description or "{}")
+    except json.JSONDecodeError:
+        provenance = {}
+    return Pairs(torch.from_numpy(z0), torch.from_numpy(z1), torch.from_numpy(index.astype(np.int64)), provenance)

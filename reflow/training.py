@@ -1,0 +1,288 @@
+"""One training loop for round 1 (independent coupling from data) and round k (teacher pairs).
+
+Plain torch on Accelerate (one CPU, many GPUs, many nodes): ``prepare`` once, ``accumulate``,
+``backward``, ``save_state``/``load_state``. The batch of step s is a function of (seed, s) alone: every
+process draws the same global batch and keeps its own slice, so a resumed run and an N-process run
+see exactly the rows an uninterrupted one-process run sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .data import load_source
+from .errors import ReflowError
+from .flow import LOSSES, flow_matching_loss
+from .io import atomic_dir, atomic_write_json, atomic_write_text
+from .models import MLPVelocity, load_model, model_card
+from .pairs import load_pairs
+from .timesteps import TIME_SAMPLERS, sample_time
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting. TOML files given with ``--config`` use these names."""
+
+    out: str = ""
+    data: str | None = None  # round 1: a data source, independent coupling z0 ~ N(0, I), z1 ~ data
+    pairs: str | None = None  # round k: a pairs dataset from `reflow generate`
+    init: str | None = None  # a model folder to start from (default: a fresh MLP)
+    max_steps: int = 5000
+    batch_size: int = 512  # global batch per optimizer step, over all processes
+    lr: float = 1e-3
+    seed: int = 0
+    checkpoint_every: int = 1000
+    resume: bool = False
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    time_sampler: str = "uniform"
+    loss: str = "l2"
+    huber_c: float | None = None
+    ema_decay: float = 0.999
+    hidden_dim: int = 256
+    num_layers: int = 4
+    time_embed_dim: int = 64
+    log_every: int = 25
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the model card
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a TOML file of TrainConfig names (dashes or underscores), then apply non-None overrides."""
+        values = read_toml(path)
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ReflowError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise ReflowError(f"no such config file: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ReflowError(f"{path} is not valid TOML: {e}") from None
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    loss: float
+    seconds: float
+    samples_per_second: float
+
+
+ProgressFn = Callable[[int, int, float, float], None]
+"""``progress(step, max_steps, loss, samples_per_second)``."""
+
+
+def _check(config: TrainConfig) -> None:
+    if not config.out:
+        raise ReflowError("--out is required: the model folder to write")
+    if (config.data is None) == (config.pairs is None):
+        raise ReflowError("give exactly one of --data (round 1 from data) or --pairs (reflow from pairs)")
+    for name in ("max_steps", "batch_size", "checkpoint_every", "gradient_accumulation_steps", "log_every"):
+        if getattr(config, name) < 1:
+            raise ReflowError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ReflowError(f"--lr must be positive, got {config.lr}")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ReflowError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+    if config.time_sampler not in TIME_SAMPLERS:
+        raise ReflowError(f"--time-sampler must be one of {', '.join(TIME_SAMPLERS)}")
+    if config.loss not in LOSSES:
+        raise ReflowError(f"--loss must be one of {', '.join(LOSSES)}")
+    if not 0 <= config.ema_decay < 1:
+        raise ReflowError(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
+
+
+def checkpoint_root(out: Path) -> Path:
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint folder (they appear by rename, so a listed one is complete)."""
+    root = checkpoint_root(out)
+    if not root.is_dir():
+        return None
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / "reflow_step.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed << 32) + step)
+
+
+def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
+    """Train a velocity model by conditional flow matching and write it (EMA weights) to ``config.out``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    _check(config)
+    out = Path(config.out)
+    if out.exists():
+        raise ReflowError(f"{out} already exists; pick a new --out")
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not config.resume:
+        raise ReflowError(f"{checkpoint_root(out)} holds checkpoints of an earlier run; pass --resume to continue it")
+
+    # Data: a source to draw z1 from (independent coupling), or stored pairs.
+    source = pairs = None
+    if config.data is not None:
+        source = load_source(config.data)
+        sample_shape = source.sample_shape
+    else:
+        pairs = load_pairs(config.pairs)
+        sample_shape = pairs.sample_shape
+
+    if config.init is not None:
+        model = load_model(config.init)
+        if tuple(model.sample_shape) != tuple(sample_shape):
+            raise ReflowError(f"--init model takes samples of shape {tuple(model.sample_shape)}, the data has {sample_shape}")
+    else:
+        model = MLPVelocity(
+            sample_shape=list(sample_shape),
+            hidden_dim=config.hidden_dim,
+            num_layers=config.num_layers,
+            time_embed_dim=config.time_embed_dim,
+        )
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )
+    set_seed(config.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = config.gradient_accumulation_steps
+    if config.batch_size % (world * micro):
+        raise ReflowError(
+            f"--batch-size {config.batch_size} must divide evenly over {world} process(es) x {micro} accumulation step(s)"
+        )
+    local = config.batch_size // (world * micro)
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=min(config.warmup_steps, config.max_steps // 10), num_training_steps=config.max_steps
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw = accelerator.unwrap_model(model)
+    ema = EMAModel(raw.parameters(), decay=config.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+
+    step = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        step = json.loads((ckpt / "reflow_step.json").read_text())["step"]
+
+    def save_checkpoint(at: int) -> Path:
+        root = checkpoint_root(out)
+        final = root / f"step-{at:07d}"
+        tmp = root / f".step-{at:07d}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            atomic_write_json(tmp / "reflow_step.json", {"step": at})
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            ckpts = sorted(p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name))
+            for p in ckpts[:-2]:  # keep the two newest
+                shutil.rmtree(p, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    device = accelerator.device
+    start_time, start_step = time.perf_counter(), step
+    loss_value = float("nan")
+    loss_sum, loss_count = 0.0, 0
+    while step < config.max_steps:
+        g = _step_generator(config.seed, step)
+        if pairs is not None:
+            idx = torch.randint(0, len(pairs), (config.batch_size,), generator=g)
+            z0, z1 = pairs.z0[idx], pairs.z1[idx]
+        else:
+            z1 = source.sample(config.batch_size, g)
+            z0 = torch.randn(config.batch_size, *sample_shape, generator=g)
+        t = sample_time(config.batch_size, config.time_sampler, generator=g)
+        for m in range(micro):
+            sl = slice((rank * micro + m) * local, (rank * micro + m + 1) * local)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = flow_matching_loss(
+                        model, z0[sl].to(device), z1[sl].to(device), t[sl].to(device), config.loss, config.huber_c
+                    )
+                if not torch.isfinite(loss):
+                    last = latest_checkpoint(out)
+                    kept = f"; the last good checkpoint is {last}" if last else ""
+                    raise ReflowError(f"loss became {loss.item()} at step {step}{kept}; lower --lr or check the data")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item() / micro
+        ema.step(raw.parameters())
+        step += 1
+        loss_count += 1
+        if step % config.log_every == 0 or step == config.max_steps:
+            loss_value = accelerator.reduce(torch.tensor(loss_sum / loss_count, device=device), "mean").item()
+            loss_sum, loss_count = 0.0, 0
+            elapsed = time.perf_counter() - start_time
+            if progress and accelerator.is_local_main_process:
+                progress(step, config.max_steps, loss_value, (step - start_step) * config.batch_size / max(elapsed, 1e-9))
+        if step % config.checkpoint_every == 0 and step < config.max_steps:
+            save_checkpoint(step)
+
+    seconds = time.perf_counter() - start_time
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = copy.deepcopy(raw).float()
+        ema.copy_to(final.parameters())
+        provenance = {
+            "reflow_version": __version__,
+            "round": "1 (independent coupling)" if pairs is None else f"reflow on {config.pairs}",
+            "pairs_provenance": pairs.provenance if pairs is not None else None,
+            "train_config": {k: v for k, v in asdict(config).items() if k != "extra"} | config.extra,
+            "weights": "EMA",
+        }
+        with atomic_dir(out) as tmp:
+            final.save_pretrained(str(tmp), safe_serialization=True)
+            atomic_write_text(tmp / "README.md", model_card(f"reflow velocity model {out.name}", provenance))
+        shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    sps = (config.max_steps - start_step) * config.batch_size / max(seconds, 1e-9)
+    return TrainResult(out=out, steps=step, loss=loss_value, seconds=seconds, samples_per_second=sps)
+
