@@ -55,46 +55,93 @@ def user_errors(fn):
     return wrapper
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-        disable=os.environ.get("LOCAL_RANK", "0") != "0",
-    )
+class _Bar:
+    """A rich progress bar that appears on its first update, so an early error prints alone."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.progress: Progress | None = None
+        self.task = None
+
+    def update(self, completed: int, total: int, info: str = "", description: str | None = None) -> None:
+        if self.progress is None:
+            if os.environ.get("LOCAL_RANK", "0") != "0":
+                return
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=total, info="")
+        self.progress.update(
+            self.task, completed=completed, total=total, info=info, description=description or self.description
+        )
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def _device():
-    from accelerate import PartialState
+    from reflow.runtime import partial_state
 
-    return PartialState().device
+    return partial_state().device
 
 
-def _parse_nfes(text: str) -> list[int]:
+def _parse_ints(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ReflowError(f"--nfe takes comma-separated step counts like 1,2,4; got {text!r}") from None
-    if not values or any(v < 1 for v in values):
+        raise ReflowError(f"{flag} takes comma-separated integers like 1,2,4; got {text!r}") from None
+    if not values:
+        raise ReflowError(f"{flag} takes comma-separated integers like 1,2,4; got {text!r}")
+    return values
+
+
+def _parse_nfes(text: str) -> list[int]:
+    values = _parse_ints(text, "--nfe")
+    if any(v < 1 for v in values):
         raise ReflowError(f"--nfe takes positive step counts like 1,2,4; got {text!r}")
     return values
 
 
 # Options shared by the training commands.
 MaxSteps = Annotated[int | None, typer.Option(help="Optimizer steps.", rich_help_panel="Training")]
-BatchSize = Annotated[int | None, typer.Option(help="Global batch per step (all processes).", rich_help_panel="Training")]
-Lr = Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).", rich_help_panel="Training")]
+BatchSize = Annotated[
+    int | None, typer.Option(help="Global batch per step (all processes).", rich_help_panel="Training")
+]
+Lr = Annotated[
+    float | None, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).", rich_help_panel="Training")
+]
 Seed = Annotated[int | None, typer.Option(help="Seed of the data order, noise and times.", rich_help_panel="Training")]
-CheckpointEvery = Annotated[int | None, typer.Option(help="Save a resumable checkpoint every N steps.", rich_help_panel="Training")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of this --out.", rich_help_panel="Training")]
-MixedPrecision = Annotated[str | None, typer.Option(help="no, fp16 or bf16 (a no-op on CPU).", rich_help_panel="Training")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML file with any training setting; flags override it.", rich_help_panel="Training")]
-TimeSampler = Annotated[str | None, typer.Option(help="Training-time distribution: uniform, logit_normal, u_shaped.", rich_help_panel="Method")]
+CheckpointEvery = Annotated[
+    int | None, typer.Option(help="Save a resumable checkpoint every N steps.", rich_help_panel="Training")
+]
+Resume = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue from the newest checkpoint of this --out.", rich_help_panel="Training"),
+]
+MixedPrecision = Annotated[
+    str | None, typer.Option(help="no, fp16 or bf16 (a no-op on CPU).", rich_help_panel="Training")
+]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="TOML file with any training setting; flags override it.", rich_help_panel="Training"
+    ),
+]
+TimeSampler = Annotated[
+    str | None,
+    typer.Option(help="Training-time distribution: uniform, logit_normal, u_shaped.", rich_help_panel="Method"),
+]
 Loss = Annotated[str | None, typer.Option(help="l2 or pseudo_huber.", rich_help_panel="Method")]
 EmaDecay = Annotated[float | None, typer.Option(help="EMA decay of the saved weights.", rich_help_panel="Method")]
 
@@ -102,11 +149,10 @@ EmaDecay = Annotated[float | None, typer.Option(help="EMA decay of the saved wei
 def _run_training(config) -> None:
     from reflow.training import train
 
-    with _progress() as bar:
-        task = bar.add_task("train", total=config.max_steps, info="")
+    with _Bar("train") as bar:
 
         def on_step(step: int, total: int, loss: float, sps: float) -> None:
-            bar.update(task, completed=step, info=f"loss {loss:.4f}  {sps:,.0f} samples/s")
+            bar.update(step, total, f"loss {loss:.4f}  {sps:,.0f} samples/s")
 
         result = train(config, progress=on_step)
     console.print(
@@ -119,7 +165,12 @@ def _run_training(config) -> None:
 @user_errors
 def train_cmd(
     out: Annotated[Path, typer.Option(help="Model folder to write (save_pretrained).")],
-    data: Annotated[str | None, typer.Option(help="Round 1 from data: checkerboard, moons, 8gaussians, digits, a .npy file or a save_to_disk folder.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Round 1 from data: checkerboard, moons, 8gaussians, digits, a .npy file or a save_to_disk folder."
+        ),
+    ] = None,
     pairs: Annotated[Path | None, typer.Option(help="Reflow round: a pairs folder from `reflow generate`.")] = None,
     init: Annotated[Path | None, typer.Option(help="Model folder to start from (e.g. the teacher).")] = None,
     max_steps: MaxSteps = None,
@@ -138,9 +189,19 @@ def train_cmd(
     from reflow.training import TrainConfig
 
     overrides = dict(
-        out=str(out), data=data, pairs=str(pairs) if pairs else None, init=str(init) if init else None,
-        max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-        resume=resume or None, mixed_precision=mixed_precision, time_sampler=time_sampler, loss=loss,
+        out=str(out),
+        data=data,
+        pairs=str(pairs) if pairs else None,
+        init=str(init) if init else None,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        resume=resume or None,
+        mixed_precision=mixed_precision,
+        time_sampler=time_sampler,
+        loss=loss,
         ema_decay=ema_decay,
     )
     if config is not None:
@@ -153,34 +214,98 @@ def train_cmd(
 @app.command("generate")
 @user_errors
 def generate_cmd(
-    teacher: Annotated[Path, typer.Option(help="Teacher model folder.")],
+    teacher: Annotated[Path, typer.Option(help="Teacher: a reflow model folder or a diffusers pipeline folder.")],
     out: Annotated[Path, typer.Option(help="Pairs folder to write (datasets save_to_disk).")],
     num_pairs: Annotated[int, typer.Option(help="Number of (z0, z1) pairs.")],
-    nfe: Annotated[int, typer.Option(help="Teacher network calls per sample (ignored by adaptive).")] = 100,
-    solver: Annotated[str, typer.Option(help="euler, heun or adaptive.")] = "euler",
+    nfe: Annotated[
+        int | None, typer.Option(help="Teacher network calls per sample [default: 50 diffusers, 100 flow].")
+    ] = None,
+    solver: Annotated[
+        str | None,
+        typer.Option(
+            help="Diffusers: ddim (eta=0) or dpm (DPM-Solver++). Flow: euler, heun or adaptive. [default: ddim / euler]"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Noise seed: z0 of row i depends on (seed, i) only.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Rows per teacher batch.")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="Rows per teacher batch.")] = 256,
     dtype: Annotated[str, typer.Option(help="Storage dtype: float32 or float16.")] = "float32",
     shard_size: Annotated[int | None, typer.Option(help="Rows per shard (the unit of resume).")] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Class-conditional teachers: comma-separated classes to draw from [default: all]."),
+    ] = None,
+    timestep_spacing: Annotated[
+        str | None,
+        typer.Option(help="Diffusers: override the scheduler's timestep spacing (leading, trailing, linspace)."),
+    ] = None,
+    clip_sample: Annotated[
+        bool | None, typer.Option("--clip-sample/--no-clip-sample", help="Diffusers DDIM: override clipping of x0.")
+    ] = None,
     round_: Annotated[int, typer.Option("--round", help="Reflow round these pairs train (recorded).")] = 1,
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Also upload the finished pairs to this Hub dataset repo.")
+    ] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
 ) -> None:
-    """Run a teacher on seeded noise and store the coupled pairs (sharded; rerun to resume)."""
+    """Run a teacher on seeded noise and store the coupled pairs (sharded; rerun the same command to resume)."""
     from reflow.pairs import generate_pairs
     from reflow.teachers import load_teacher
 
-    t = load_teacher(teacher, nfe=nfe, solver=solver, device=_device(), allow_pickle=allow_pickle)
-    with _progress() as bar:
-        task = bar.add_task("generate", total=num_pairs, info="")
+    is_diffusers = (teacher / "model_index.json").is_file()
+    solver = solver or ("ddim" if is_diffusers else "euler")
+    nfe = nfe or (50 if is_diffusers else 100)
+    overrides = {
+        k: v for k, v in (("timestep_spacing", timestep_spacing), ("clip_sample", clip_sample)) if v is not None
+    }
+    t = load_teacher(teacher, nfe=nfe, solver=solver, device=_device(), allow_pickle=allow_pickle, **overrides)
+    with _Bar("generate") as bar:
 
         def on_rows(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(done, total)
 
         path = generate_pairs(
-            t, out, num_pairs, seed=seed, batch_size=batch_size, dtype=dtype, shard_size=shard_size,
-            round_=round_, progress=on_rows,
+            t,
+            out,
+            num_pairs,
+            seed=seed,
+            batch_size=batch_size,
+            dtype=dtype,
+            shard_size=shard_size,
+            round_=round_,
+            labels=_parse_ints(labels, "--labels") if labels else None,
+            push_to_hub=push_to_hub,
+            progress=on_rows,
         )
     console.print(f"wrote [bold]{path}[/bold]: {num_pairs} pairs")
+
+
+@app.command("verify-pairs")
+@user_errors
+def verify_pairs_cmd(
+    pairs: Annotated[Path, typer.Argument(help="Pairs folder written by `reflow generate`.")],
+    rows: Annotated[int, typer.Option(help="Rows to re-run through the teacher.")] = 16,
+    seed: Annotated[int, typer.Option(help="Which rows: a random choice with this seed.")] = 0,
+    atol: Annotated[
+        float | None, typer.Option(help="Largest difference accepted [default: 1e-4 float32, 2e-3 float16].")
+    ] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
+) -> None:
+    """Re-run the recorded teacher on sampled rows and report the largest difference (exit 1 if too large)."""
+    from reflow.pairs import verify_pairs
+
+    report = verify_pairs(pairs, rows, seed=seed, device=_device(), allow_pickle=allow_pickle)
+    tol = atol if atol is not None else (1e-4 if report["dtype"] == "float32" else 2e-3)
+    table = Table(title=f"{pairs}: {report['rows']} rows re-run ({report['solver']}, nfe {report['nfe']})")
+    table.add_column("column")
+    table.add_column("max |stored - recomputed|", justify="right")
+    table.add_row("z0", f"{report['max_abs_diff_z0']:.3g}")
+    table.add_row("z1", f"{report['max_abs_diff_z1']:.3g}")
+    console.print(table)
+    worst = max(report["max_abs_diff_z0"], report["max_abs_diff_z1"])
+    if worst > tol:
+        err_console.print(f"[red]mismatch:[/red] {worst:.3g} > {tol:.3g}")
+        raise typer.Exit(code=1)
+    console.print(f"ok: within {tol:.3g}")
 
 
 @app.command("sample")
@@ -277,17 +402,18 @@ def eval_cmd(
 def quickstart_cmd(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("quickstart-out"),
     steps: Annotated[int, typer.Option(help="Training steps per round.")] = 4000,
+    num_pairs: Annotated[int, typer.Option(help="Pairs drawn from the 1-RF teacher.")] = 50_000,
+    eval_samples: Annotated[int, typer.Option(help="Samples per W2 figure.")] = 4000,
 ) -> None:
     """The embedded default: checkerboard 1-RF -> pairs -> 2-RF -> eval, minutes on a laptop CPU."""
     from reflow.quickstart import QUICKSTART_NFES, run_quickstart
 
-    with _progress() as bar:
-        task = bar.add_task("quickstart", total=1, info="")
+    with _Bar("quickstart") as bar:
 
         def on_stage(name: str, done: int, total: int, info: str = "") -> None:
-            bar.update(task, description=name, completed=done, total=total, info=info)
+            bar.update(done, total, info, description=name)
 
-        results = run_quickstart(out, steps=steps, progress=on_stage)
+        results = run_quickstart(out, steps=steps, num_pairs=num_pairs, num_eval=eval_samples, progress=on_stage)
     console.print(metrics_table(list(results.items()), QUICKSTART_NFES))
     console.print(f"models, pairs and reports are in [bold]{out}[/bold]")
 
@@ -300,7 +426,9 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version.")
+    ] = False,
 ) -> None:
     """reflow: rectified-flow distillation into 1-4 step generators (t = 0 noise, t = 1 data)."""
 

@@ -143,7 +143,9 @@ def load_source(source: str, column: str | None = None) -> DataSource:
     path = Path(source)
     if path.suffix == ".npy":
         if not path.is_file():
-            raise ReflowError(f"no such file: {path} (pass an existing .npy array or a built-in: {', '.join(BUILTINS)})")
+            raise ReflowError(
+                f"no such file: {path} (pass an existing .npy array or a built-in: {', '.join(BUILTINS)})"
+            )
         try:
             arr = np.load(path, allow_pickle=False)
         except ValueError as e:

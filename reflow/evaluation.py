@@ -44,7 +44,9 @@ def evaluate(
     source = load_source(reference)
     shape = tuple(model.sample_shape)
     if tuple(source.sample_shape) != shape:
-        raise ReflowError(f"the model makes samples of shape {shape} but {reference} holds {tuple(source.sample_shape)}")
+        raise ReflowError(
+            f"the model makes samples of shape {shape} but {reference} holds {tuple(source.sample_shape)}"
+        )
     ref = source.reference(num_samples)
     z0 = row_noise(seed, range(num_samples), shape)
     result: dict[str, Any] = {
@@ -64,7 +66,9 @@ def evaluate(
     if adaptive:
         sol = sample(model, z0, 0, "adaptive", batch_size=batch_size, device=device)
         result["adaptive"] = {"w2": w2(sol.z1, ref), "nfe": sol.nfe}
-    sol = sample(model, z0, STRAIGHTNESS_STEPS, "euler", batch_size=batch_size, device=device, measure_straightness=True)
+    sol = sample(
+        model, z0, STRAIGHTNESS_STEPS, "euler", batch_size=batch_size, device=device, measure_straightness=True
+    )
     result["straightness"] = sol.straightness
     result["straightness_steps"] = STRAIGHTNESS_STEPS
     return result

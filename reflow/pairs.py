@@ -29,15 +29,17 @@ import torch
 from . import __version__
 from .errors import ReflowError
 from .io import atomic_dir, atomic_write_json, atomic_write_text
-from .noise import check_seed, row_noise
+from .noise import check_seed, row_labels, row_noise
+from .runtime import partial_state, quiet_datasets
 from .teachers import Teacher
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SHARD_BYTES = 64 * 2**20
 
 
-def pair_features(sample_shape: tuple[int, ...], dtype: str):
-    """Fixed-shape ``datasets`` features for z0/z1 so ``with_format('torch')`` returns stacked tensors."""
+def pair_features(sample_shape: tuple[int, ...], dtype: str, labels: bool = False):
+    """Fixed-shape ``datasets`` features for z0/z1 so ``with_format('torch')`` returns stacked tensors,
+    plus ``index`` and, for class-conditional teachers, ``label``."""
     import datasets
 
     if len(sample_shape) == 1:
@@ -46,7 +48,10 @@ def pair_features(sample_shape: tuple[int, ...], dtype: str):
         array = getattr(datasets, f"Array{len(sample_shape)}D")(shape=tuple(sample_shape), dtype=dtype)
     else:
         raise ReflowError(f"samples of shape {sample_shape} are not supported (1 to 5 dimensions)")
-    return datasets.Features({"z0": array, "z1": array, "index": datasets.Value("int64")})
+    columns = {"z0": array, "z1": array, "index": datasets.Value("int64")}
+    if labels:
+        columns["label"] = datasets.Value("int64")
+    return datasets.Features(columns)
 
 
 def default_shard_size(sample_shape: tuple[int, ...], dtype: str, batch_size: int) -> int:
@@ -59,11 +64,11 @@ def _shard_dir(work: Path, k: int) -> Path:
     return work / f"shard-{k:05d}"
 
 
-def _write_shard(path: Path, z0: np.ndarray, z1: np.ndarray, index: np.ndarray, features) -> None:
+def _write_shard(path: Path, columns: dict[str, np.ndarray], features) -> None:
     import datasets
 
-    ds = datasets.Dataset.from_dict({"z0": z0, "z1": z1, "index": index}, features=features)
-    with atomic_dir(path) as tmp:
+    ds = datasets.Dataset.from_dict(columns, features=features)
+    with atomic_dir(path) as tmp, quiet_datasets():
         ds.save_to_disk(str(tmp))
 
 
@@ -99,15 +104,19 @@ def generate_pairs(
     dtype: str = "float32",
     shard_size: int | None = None,
     round_: int = 1,
+    labels: list[int] | None = None,
+    push_to_hub: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Run the teacher on rows 0..num_pairs-1 and write the pairs dataset to ``out``.
 
+    A class-conditional teacher (``teacher.num_classes`` set) gets a label per row, uniform over
+    ``labels`` (default: every class) and a function of (seed, row) alone; it is stored in ``label``.
+    ``push_to_hub`` names a Hub dataset repo to upload the finished pairs to.
+
     ``progress(done_rows, total_rows)`` is called on this process as rows finish. Returns ``out``.
     Under Accelerate (torchrun / accelerate launch) every process must call this with the same arguments.
     """
-    from accelerate import PartialState
-
     import datasets
 
     if num_pairs < 1:
@@ -122,6 +131,14 @@ def generate_pairs(
         raise ReflowError(str(e)) from None
     out = Path(out)
     shape = tuple(teacher.sample_shape)
+    num_classes = getattr(teacher, "num_classes", None)
+    if num_classes is None and labels:
+        raise ReflowError("--labels needs a class-conditional teacher; this one is unconditional")
+    if num_classes is not None:
+        labels = sorted(set(labels)) if labels else list(range(num_classes))
+        bad = [c for c in labels if not 0 <= c < num_classes]
+        if bad:
+            raise ReflowError(f"--labels {bad} out of range: this teacher has classes 0..{num_classes - 1}")
     shard_size = shard_size or default_shard_size(shape, dtype, batch_size)
     settings = {
         "teacher": teacher.describe(),
@@ -131,9 +148,10 @@ def generate_pairs(
         "shard_size": shard_size,
         "sample_shape": list(shape),
         "round": round_,
+        "labels": labels if num_classes is not None else None,
     }
     provenance = {**settings, "reflow_version": __version__}
-    state = PartialState()
+    state = partial_state()
 
     def same_settings(recorded: dict[str, Any], where: Path) -> None:
         diff = sorted(k for k in settings if recorded.get(k) != settings[k])
@@ -162,7 +180,7 @@ def generate_pairs(
     if not state.is_main_process:
         same_settings(json.loads(run_file.read_text()), work)
 
-    features = pair_features(shape, dtype)
+    features = pair_features(shape, dtype, labels=num_classes is not None)
     num_shards = math.ceil(num_pairs / shard_size)
     mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
     todo = [k for k in mine if not _shard_dir(work, k).is_dir()]
@@ -176,11 +194,16 @@ def generate_pairs(
         pending: Future | None = None
         for k in todo:
             start, stop = k * shard_size, min((k + 1) * shard_size, num_pairs)
-            z0_parts, z1_parts = [], []
+            z0_parts, z1_parts, label_parts = [], [], []
             for b in range(start, stop, batch_size):
                 idx = range(b, min(b + batch_size, stop))
                 z0 = row_noise(seed, idx, shape)
-                z1 = teacher(z0)
+                if num_classes is not None:
+                    y = row_labels(seed, idx, labels)
+                    label_parts.append(y.numpy())
+                    z1 = teacher(z0, y)
+                else:
+                    z1 = teacher(z0)
                 if not torch.isfinite(z1).all():
                     raise ReflowError(f"the teacher produced NaN/inf on rows {idx.start}-{idx.stop - 1}; check it")
                 z0_parts.append(z0.to(DTYPES[dtype]).numpy())
@@ -190,14 +213,14 @@ def generate_pairs(
                     progress(done_rows, total_rows)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(
-                _write_shard,
-                _shard_dir(work, k),
-                np.concatenate(z0_parts),
-                np.concatenate(z1_parts),
-                np.arange(start, stop, dtype=np.int64),
-                features,
-            )
+            columns = {
+                "z0": np.concatenate(z0_parts),
+                "z1": np.concatenate(z1_parts),
+                "index": np.arange(start, stop, dtype=np.int64),
+            }
+            if label_parts:
+                columns["label"] = np.concatenate(label_parts)
+            pending = writer.submit(_write_shard, _shard_dir(work, k), columns, features)
         if pending is not None:
             pending.result()
 
@@ -206,13 +229,31 @@ def generate_pairs(
         parts = [datasets.load_from_disk(str(_shard_dir(work, k))) for k in range(num_shards)]
         ds = datasets.concatenate_datasets(parts)
         ds.info.description = json.dumps(provenance, sort_keys=True)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp, quiet_datasets():
             ds.save_to_disk(str(tmp), num_shards=num_shards)
             atomic_write_json(tmp / "reflow_pairs.json", provenance)
             atomic_write_text(tmp / "README.md", dataset_card(provenance, len(ds)))
         shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
+    if push_to_hub and state.is_main_process:
+        push_pairs(out, push_to_hub)
     return out
+
+
+def push_pairs(path: str | Path, repo_id: str) -> None:
+    """Upload a finished pairs folder to the Hub as a dataset repo (with its card)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    try:
+        with quiet_datasets():
+            ds.push_to_hub(repo_id, private=True)
+    except Exception as e:  # network, auth or repo errors from huggingface_hub
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ReflowError(
+            f"could not push {path} to the Hub as {repo_id} ({first}); the pairs are complete on disk, "
+            "log in with `hf auth login` and rerun"
+        ) from None
 
 
 @dataclass
@@ -223,6 +264,7 @@ class Pairs:
     z1: torch.Tensor
     index: torch.Tensor
     provenance: dict[str, Any]
+    label: torch.Tensor | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -238,7 +280,11 @@ def load_pairs(path: str | Path) -> Pairs:
 
     path = Path(path)
     if not path.is_dir():
-        hint = f" (an unfinished run is in {path}.partial: rerun `reflow generate`)" if Path(f"{path}.partial").is_dir() else ""
+        hint = (
+            f" (an unfinished run is in {path}.partial: rerun `reflow generate`)"
+            if Path(f"{path}.partial").is_dir()
+            else ""
+        )
         raise ReflowError(f"no such pairs folder: {path}{hint}")
     try:
         ds = datasets.load_from_disk(str(path))
@@ -251,19 +297,91 @@ def load_pairs(path: str | Path) -> Pairs:
         raise ReflowError(f"{path} lacks column(s) {', '.join(missing)}; pairs need z0 and z1")
     if len(ds) == 0:
         raise ReflowError(f"{path} holds no rows; regenerate it")
-    np_ds = ds.with_format("numpy")
     try:
-        z0 = np.asarray(np_ds["z0"], dtype=np.float32)
-        z1 = np.asarray(np_ds["z1"], dtype=np.float32)
+        cols = ds.with_format("numpy")[:]
+        z0 = np.asarray(cols["z0"], dtype=np.float32)
+        z1 = np.asarray(cols["z1"], dtype=np.float32)
     except (ValueError, TypeError):
         raise ReflowError(f"{path}: z0/z1 rows have different shapes; pairs need one fixed shape") from None
     if z0.shape != z1.shape or z0.ndim < 2:
         raise ReflowError(f"{path}: z0 has shape {z0.shape} but z1 has {z1.shape}; they must match as (N, ...)")
     if not (np.isfinite(z0).all() and np.isfinite(z1).all()):
         raise ReflowError(f"{path} holds NaN or inf values; regenerate it")
-    index = np.asarray(np_ds["index"]) if "index" in ds.column_names else np.arange(len(ds))
+    index = np.asarray(cols["index"]) if "index" in ds.column_names else np.arange(len(ds))
     try:
         provenance = json.loads(ds.info.description or "{}")
     except json.JSONDecodeError:
         provenance = {}
-    return Pairs(torch.from_numpy(z0), torch.from_numpy(z1), torch.from_numpy(index.astype(np.int64)), provenance)
+    label = torch.from_numpy(np.asarray(cols["label"], dtype=np.int64)) if "label" in cols else None
+    return Pairs(
+        torch.from_numpy(z0), torch.from_numpy(z1), torch.from_numpy(index.astype(np.int64)), provenance, label
+    )
+
+
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    """The provenance recorded with a pairs folder by ``generate_pairs``."""
+    path = Path(path)
+    f = path / "reflow_pairs.json"
+    if not f.is_file():
+        raise ReflowError(f"{path} has no reflow_pairs.json: not written by `reflow generate`")
+    return json.loads(f.read_text())
+
+
+def verify_pairs(
+    path: str | Path,
+    rows: int = 16,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    allow_pickle: bool = False,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Re-run the recorded teacher on ``rows`` random rows and report the largest differences.
+
+    z0 is rebuilt from (seed, index) and compared with the stored z0; the teacher's output from it is
+    compared with the stored z1. A teacher whose weights or configs changed since is refused.
+    """
+    import datasets
+
+    from .teachers import load_teacher
+
+    prov = read_provenance(path)
+    rec = prov["teacher"]
+    nfe = rec["nfe"] if isinstance(rec["nfe"], int) else 1
+    teacher = load_teacher(
+        rec["teacher"],
+        nfe=nfe,
+        solver=rec["solver"],
+        device=device,
+        allow_pickle=allow_pickle,
+        **(rec.get("overrides") or {}),
+    )
+    now = teacher.describe()
+    changed = [k for k in ("config_hash", "weights_hash") if now.get(k) != rec.get(k)]
+    if changed:
+        raise ReflowError(
+            f"the teacher at {rec['teacher']} changed since the pairs were made ({', '.join(changed)} differ)"
+        )
+    ds = datasets.load_from_disk(str(path))
+    if rows < 1:
+        raise ReflowError(f"--rows must be at least 1, got {rows}")
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[: min(rows, len(ds))]
+    sub = ds.select(sorted(pick.tolist())).with_format("torch")[:]
+    z0 = row_noise(prov["seed"], sub["index"], tuple(prov["sample_shape"]))
+    outs = []
+    for b in range(0, len(z0), batch_size):
+        chunk = z0[b : b + batch_size]
+        if "label" in sub:
+            outs.append(teacher(chunk, sub["label"][b : b + batch_size]).float().cpu())
+        else:
+            outs.append(teacher(chunk).float().cpu())
+    z1 = torch.cat(outs).to(DTYPES[prov["dtype"]]).float()
+    return {
+        "rows": len(z0),
+        "dtype": prov["dtype"],
+        "max_abs_diff_z0": (z0.to(DTYPES[prov["dtype"]]).float() - sub["z0"].float()).abs().max().item(),
+        "max_abs_diff_z1": (z1 - sub["z1"].float()).abs().max().item(),
+        "teacher": rec["teacher"],
+        "solver": rec["solver"],
+        "nfe": rec["nfe"],
+    }

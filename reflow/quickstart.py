@@ -45,8 +45,14 @@ def run_quickstart(
     def train_round(name: str, **kw: Any) -> Path:
         model = out / name
         if not model.exists():
-            cfg = TrainConfig(out=str(model), max_steps=steps, batch_size=batch_size, lr=1e-3,
-                              checkpoint_every=max(1, steps // 4), **kw)
+            cfg = TrainConfig(
+                out=str(model),
+                max_steps=steps,
+                batch_size=batch_size,
+                lr=1e-3,
+                checkpoint_every=max(1, steps // 4),
+                **kw,
+            )
             from .training import latest_checkpoint
 
             cfg.resume = latest_checkpoint(model) is not None
@@ -57,7 +63,11 @@ def run_quickstart(
     pairs = out / "pairs-1rf"
     teacher = FlowTeacher(rf1, nfe=teacher_nfe, solver="heun")
     generate_pairs(
-        teacher, pairs, num_pairs, seed=0, batch_size=8192,
+        teacher,
+        pairs,
+        num_pairs,
+        seed=0,
+        batch_size=8192,
         progress=lambda d, t: progress and progress("pairs from 1-rf", d, t),
     )
     rf2 = train_round("2-rf", pairs=str(pairs), init=str(rf1), seed=1)

@@ -99,10 +99,7 @@ def solve_fixed(
     s = None
     if measure_straightness:
         chord = (x - z0).float()
-        s = sum(
-            (ts[i + 1] - ts[i]) * per_sample_sq_norm(chord - d.float()).mean().item()
-            for i, d in enumerate(slopes)
-        )
+        s = sum((ts[i + 1] - ts[i]) * per_sample_sq_norm(chord - d.float()).mean().item() for i, d in enumerate(slopes))
     return ODESolution(z1=x, nfe=nfe, straightness=s, trajectory=path)
 
 
@@ -124,9 +121,7 @@ def solve(
     if method == "adaptive":
         return solve_adaptive(velocity, z0, rtol=rtol, atol=atol)
     steps = nfe if method == "euler" else heun_steps_for_nfe(nfe)
-    return solve_fixed(
-        velocity, z0, time_grid(steps, grid), method, measure_straightness=measure_straightness
-    )
+    return solve_fixed(velocity, z0, time_grid(steps, grid), method, measure_straightness=measure_straightness)
 
 
 @torch.no_grad()

@@ -84,16 +84,38 @@ class FlowTeacher:
         return solve(self.model, z0.to(self.device), self.nfe, self.solver).z1
 
 
-def load_teacher(path: str | Path, *, nfe: int, solver: str, device: torch.device | str = "cpu",
-                 allow_pickle: bool = False) -> Teacher:
-    """Open a teacher folder: one of our flow models (a ``config.json`` naming a reflow model class)."""
+def load_teacher(
+    path: str | Path,
+    *,
+    nfe: int,
+    solver: str,
+    device: torch.device | str = "cpu",
+    allow_pickle: bool = False,
+    **overrides: Any,
+) -> Teacher:
+    """Open a teacher folder: one of our flow models (a ``config.json`` naming a reflow model class), or a
+    diffusers pipeline folder (``model_index.json``; solvers "ddim", "dpm"; ``overrides`` such as
+    ``timestep_spacing`` / ``clip_sample`` go to its scheduler, see ``reflow.diffusers_teacher``)."""
     path = Path(path)
     if not path.exists():
-        raise ReflowError(f"no such teacher: {path} (pass a model folder written by `reflow train`)")
+        raise ReflowError(
+            f"no such teacher: {path} (pass a model folder written by `reflow train` or a diffusers pipeline folder)"
+        )
+    if (path / "model_index.json").is_file():
+        from .diffusers_teacher import DiffusersTeacher
+
+        return DiffusersTeacher(path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle, **overrides)
+    if overrides:
+        names = ", ".join(sorted(overrides))
+        raise ReflowError(f"{names} only apply to diffusers teachers; drop them for {path}")
     if (path / "config.json").is_file():
         class_name = json.loads((path / "config.json").read_text()).get("_class_name")
         from .models import MODEL_CLASSES
 
         if class_name in MODEL_CLASSES:
             return FlowTeacher(path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle)
-    raise ReflowError(f"{path} is not a reflow flow model folder (pass a folder written by `reflow train`)")
+    raise ReflowError(
+        f"{path} is neither a reflow flow model folder nor a diffusers pipeline folder "
+        "(no model_index.json); pass a folder written by `reflow train` "
+        "or by diffusers save_pretrained"
+    )

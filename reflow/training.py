@@ -27,6 +27,7 @@ from .flow import LOSSES, flow_matching_loss
 from .io import atomic_dir, atomic_write_json, atomic_write_text
 from .models import MLPVelocity, load_model, model_card
 from .pairs import load_pairs
+from .runtime import use_cpu
 from .timesteps import TIME_SAMPLERS, sample_time
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -162,10 +163,13 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         pairs = load_pairs(config.pairs)
         sample_shape = pairs.sample_shape
 
+    set_seed(config.seed)  # before the model is built: a fresh model's init depends on it
     if config.init is not None:
         model = load_model(config.init)
         if tuple(model.sample_shape) != tuple(sample_shape):
-            raise ReflowError(f"--init model takes samples of shape {tuple(model.sample_shape)}, the data has {sample_shape}")
+            raise ReflowError(
+                f"--init model takes samples of shape {tuple(model.sample_shape)}, the data has {sample_shape}"
+            )
     else:
         model = MLPVelocity(
             sample_shape=list(sample_shape),
@@ -175,22 +179,25 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         )
 
     accelerator = Accelerator(
+        cpu=use_cpu(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
-    set_seed(config.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = config.gradient_accumulation_steps
     if config.batch_size % (world * micro):
         raise ReflowError(
-            f"--batch-size {config.batch_size} must divide evenly over {world} process(es) x {micro} accumulation step(s)"
+            f"--batch-size {config.batch_size} must divide evenly over {world} process(es) "
+            f"x {micro} accumulation step(s)"
         )
     local = config.batch_size // (world * micro)
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=min(config.warmup_steps, config.max_steps // 10), num_training_steps=config.max_steps
+        optimizer,
+        num_warmup_steps=min(config.warmup_steps, config.max_steps // 10),
+        num_training_steps=config.max_steps,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw = accelerator.unwrap_model(model)
@@ -261,7 +268,9 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
             loss_sum, loss_count = 0.0, 0
             elapsed = time.perf_counter() - start_time
             if progress and accelerator.is_local_main_process:
-                progress(step, config.max_steps, loss_value, (step - start_step) * config.batch_size / max(elapsed, 1e-9))
+                progress(
+                    step, config.max_steps, loss_value, (step - start_step) * config.batch_size / max(elapsed, 1e-9)
+                )
         if step % config.checkpoint_every == 0 and step < config.max_steps:
             save_checkpoint(step)
 
@@ -285,4 +294,3 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     accelerator.end_training()
     sps = (config.max_steps - start_step) * config.batch_size / max(seconds, 1e-9)
     return TrainResult(out=out, steps=step, loss=loss_value, seconds=seconds, samples_per_second=sps)
-

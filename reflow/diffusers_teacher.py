@@ -1,0 +1,278 @@
+"""A diffusers checkpoint (``model_index.json``, ``unet/``, ``scheduler/``) as a deterministic teacher.
+
+The checkpoint's own scheduler config (any diffusers scheduler type: DDPM, DDIM, PNDM, Euler,
+DPM-Solver, ...) is turned into a deterministic ODE solver with ``from_config``, so the prediction
+type, beta schedule, clip_sample / thresholding and the rest carry over:
+
+- ``"ddim"`` (default): ``DDIMScheduler.from_config(config)``, stepped with eta = 0;
+- ``"dpm"``: ``DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")``.
+
+Each call runs the loop DDIMPipeline runs inside (set_timesteps, scale_model_input, unet, step) from
+``z0 * scheduler.init_noise_sigma``: z0 is the unit Gaussian the teacher started from. The output is
+the final sample in model space, with no clamping or rescaling. Only ``UNet2DModel`` networks are
+loaded, weights come from safetensors unless ``allow_pickle``, and no remote or custom code is run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ReflowError
+from .teachers import config_hash, weights_hash
+
+DIFFUSERS_SOLVERS = ("ddim", "dpm")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReflowError(f"{file} is not valid JSON ({type(e).__name__}); re-save the checkpoint") from None
+    if not isinstance(data, dict):
+        raise ReflowError(f"{file} is not a JSON object; re-save the checkpoint")
+    return data
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _pickle_weights_hash(folder: Path) -> str:
+    """Like ``weights_hash`` but over pickle weight files (only used when a checkpoint has no safetensors)."""
+    h = hashlib.sha256()
+    for f in sorted([*folder.rglob("*.bin"), *folder.rglob("*.pt"), *folder.rglob("*.pth")]):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _json_clean(value: Any) -> Any:
+    """Strict-JSON values (inf/nan as strings), round-tripped so describe() compares equal to what is read
+    back from run.json when a generation run resumes."""
+
+    def strict(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {str(k): strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+
+    return json.loads(json.dumps(strict(value), sort_keys=True, default=str, allow_nan=False))
+
+
+class DiffusersTeacher:
+    """A diffusers ``UNet2DModel`` pipeline folder sampled with a deterministic ODE solver.
+
+    ``__call__(z0, labels=None) -> z1``: z0 of shape (B, *sample_shape), unit Gaussian; labels (B,)
+    class indices for a class-conditional UNet (``num_classes`` is not None), else None.
+    ``timestep_spacing`` and ``clip_sample`` override the checkpoint's scheduler config and are
+    recorded in ``describe()``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        nfe: int = 50,
+        solver: str = "ddim",
+        device: torch.device | str = "cpu",
+        allow_pickle: bool = False,
+        *,
+        timestep_spacing: str | None = None,
+        clip_sample: bool | None = None,
+    ):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+
+        path = Path(path)
+        if not path.exists():
+            raise ReflowError(f"no such teacher: {path} (pass a diffusers pipeline folder)")
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise ReflowError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json); pass one saved with save_pretrained"
+            )
+        unet_dir, scheduler_dir = path / "unet", path / "scheduler"
+        if not (unet_dir / "config.json").is_file():
+            raise ReflowError(
+                f"{path} is not a diffusers UNet pipeline folder (no unet/config.json); pass one with a unet/"
+            )
+        if not (scheduler_dir / "scheduler_config.json").is_file():
+            raise ReflowError(f"{path} has no scheduler/scheduler_config.json; add the checkpoint's scheduler config")
+        if solver not in DIFFUSERS_SOLVERS:
+            choices = ", ".join(DIFFUSERS_SOLVERS)
+            raise ReflowError(f"unknown solver {solver!r} for a diffusers teacher (choose one of {choices})")
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ReflowError(f"--nfe must be a positive integer, got {nfe!r}")
+        overrides: dict[str, Any] = {}
+        if timestep_spacing is not None:
+            if timestep_spacing not in TIMESTEP_SPACINGS:
+                choices = ", ".join(TIMESTEP_SPACINGS)
+                raise ReflowError(f"timestep_spacing must be one of {choices}, got {timestep_spacing!r}")
+            overrides["timestep_spacing"] = timestep_spacing
+        if clip_sample is not None:
+            if solver != "ddim":
+                raise ReflowError(
+                    "clip_sample applies only to --solver ddim (DPM-Solver++ does not clip); drop it or use ddim"
+                )
+            overrides["clip_sample"] = bool(clip_sample)
+
+        model_index = _read_json(path / "model_index.json")
+        unet_config = _read_json(unet_dir / "config.json")
+        unet_class = unet_config.get("_class_name")
+        if unet_class != "UNet2DModel":
+            raise ReflowError(f"{unet_dir} holds a {unet_class}; only UNet2DModel teachers are supported")
+        scheduler_config = _read_json(scheduler_dir / "scheduler_config.json")
+        checkpoint_scheduler = scheduler_config.get("_class_name")
+        if str(checkpoint_scheduler).startswith("FlowMatch"):
+            raise ReflowError(
+                f"{path}: {checkpoint_scheduler} is a flow-matching scheduler; "
+                "only noise-prediction (DDPM-family) schedulers are supported"
+            )
+
+        # Scheduler: from the checkpoint's own config, read the way from_pretrained reads it.
+        try:
+            config = DDIMScheduler.load_config(str(scheduler_dir))
+            if solver == "ddim":
+                scheduler = DDIMScheduler.from_config(config, **overrides)
+            else:
+                scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", **overrides)
+        except (NotImplementedError, ValueError, TypeError, OSError) as e:
+            raise ReflowError(
+                f"{path}: cannot build the {solver} solver from its scheduler config: {_first_line(e)}"
+            ) from None
+        try:
+            scheduler.set_timesteps(nfe)
+        except ValueError as e:
+            raise ReflowError(f"--nfe {nfe} does not fit this scheduler: {_first_line(e)}") from None
+
+        # UNet: safetensors unless pickle is allowed explicitly. Never DiffusionPipeline (no custom code).
+        has_safetensors = any(unet_dir.glob("*.safetensors"))
+        has_pickle = any(unet_dir.glob("*.bin"))
+        if not has_safetensors and not has_pickle:
+            raise ReflowError(
+                f"{unet_dir} holds no weights (.safetensors); re-save the checkpoint with save_pretrained"
+            )
+        if not has_safetensors and not allow_pickle:
+            raise ReflowError(
+                f"{unet_dir} has only pickle (.bin) weights; pass --allow-pickle to load weights you trust"
+            )
+        try:
+            unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=has_safetensors, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise ReflowError(f"could not load the UNet from {unet_dir}: {_first_line(e)}") from None
+
+        self.device = torch.device(device)
+        self.unet = unet.to(self.device).eval()
+        self.unet.requires_grad_(False)
+        self.scheduler = scheduler
+        self.path = path
+        self.nfe = nfe
+        self.solver = solver
+        self.overrides = overrides
+        self.checkpoint_scheduler = checkpoint_scheduler
+        self.components = sorted(k for k in model_index if not k.startswith("_"))
+
+        cfg = self.unet.config
+        size = cfg.sample_size
+        if isinstance(size, int):
+            height = width = size
+        elif isinstance(size, (list, tuple)) and len(size) == 2:
+            height, width = (int(s) for s in size)
+        else:
+            raise ReflowError(f"{unet_dir}: sample_size {size!r} is neither an int nor (height, width)")
+        self.sample_shape = (int(cfg.in_channels), height, width)
+
+        # Learned-variance UNets (out_channels = 2 * in_channels) predict [model_output, variance].
+        out_channels = cfg.out_channels
+        if out_channels == 2 * cfg.in_channels:
+            self._split_output = True
+        elif out_channels == cfg.in_channels:
+            self._split_output = False
+        else:
+            raise ReflowError(
+                f"{unet_dir}: out_channels {out_channels} must equal in_channels {cfg.in_channels} (or twice it)"
+            )
+
+        if self.unet.class_embedding is not None and cfg.num_class_embeds is None:
+            raise ReflowError(
+                f"{unet_dir}: class_embed_type {cfg.class_embed_type!r} is not supported; "
+                "only integer class labels (num_class_embeds)"
+            )
+        self.num_classes: int | None = int(cfg.num_class_embeds) if cfg.num_class_embeds is not None else None
+        self._hashes: tuple[str, str] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        if self._hashes is None:
+            unet_dir = self.path / "unet"
+            has_safetensors = any(unet_dir.rglob("*.safetensors"))
+            weights = weights_hash(unet_dir) if has_safetensors else _pickle_weights_hash(unet_dir)
+            self._hashes = (config_hash(self.path), weights)
+        solver_config = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
+        return _json_clean(
+            {
+                "kind": "diffusers",
+                "teacher": str(self.path.resolve()),
+                "config_hash": self._hashes[0],
+                "weights_hash": self._hashes[1],
+                "solver": self.solver,
+                "solver_scheduler": type(self.scheduler).__name__,
+                "nfe": self.nfe,
+                "eta": 0.0 if self.solver == "ddim" else None,
+                "checkpoint_scheduler": self.checkpoint_scheduler,
+                "overrides": self.overrides,
+                "solver_config": solver_config,
+                "timesteps": [int(t) for t in self.scheduler.timesteps],
+                "num_classes": self.num_classes,
+                "components": self.components,
+            }
+        )
+
+    def _check_labels(self, labels: torch.Tensor | Sequence[int] | None, batch: int) -> torch.Tensor | None:
+        if self.num_classes is None:
+            if labels is not None:
+                raise ReflowError("this teacher is unconditional; drop the class labels")
+            return None
+        if labels is None:
+            raise ReflowError(f"this teacher is class-conditional ({self.num_classes} classes); pass labels")
+        labels = torch.as_tensor(labels)
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+            raise ReflowError(f"class labels must be integers, got dtype {labels.dtype}")
+        labels = labels.reshape(-1) if labels.ndim == 0 else labels
+        if labels.shape != (batch,):
+            raise ReflowError(f"expected {batch} class labels (one per sample), got shape {tuple(labels.shape)}")
+        if batch:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise ReflowError(f"class labels must be in [0, {self.num_classes - 1}], got {lo}..{hi}")
+        return labels.to(self.device, torch.long)
+
+    @torch.inference_mode()
+    def __call__(self, z0: torch.Tensor, labels: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        if tuple(z0.shape[1:]) != self.sample_shape:
+            want = ", ".join(map(str, self.sample_shape))
+            raise ReflowError(f"z0 has shape {tuple(z0.shape)}; this teacher takes (B, {want})")
+        class_labels = self._check_labels(labels, z0.shape[0])
+        scheduler = self.scheduler
+        # Timesteps stay on the CPU, as in DDIMPipeline (DDIM indexes its CPU alphas with them); this
+        # also resets the multistep solver's state, so every call starts fresh.
+        scheduler.set_timesteps(self.nfe)
+        dtype = self.unet.dtype
+        x = z0.to(self.device, dtype) * scheduler.init_noise_sigma
+        step_kwargs = {"eta": 0.0} if self.solver == "ddim" else {}
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(x, t)
+            out = self.unet(model_input, t, class_labels=class_labels).sample
+            if self._split_output:
+                out = out[:, : self.sample_shape[0]]
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        return x

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from reflow.data import BUILTINS, load_source
+from reflow.errors import ReflowError
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtins(name):
+    src = load_source(name)
+    x = src.sample(500, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert tuple(x.shape[1:]) == src.sample_shape
+    again = src.sample(500, torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)
+
+
+def test_checkerboard_occupies_alternate_squares():
+    x = load_source("checkerboard").sample(20_000, torch.Generator().manual_seed(0))
+    assert x.abs().max() <= 2
+    parity = (torch.floor(x[:, 0]) + torch.floor(x[:, 1])).remainder(2)
+    assert torch.all(parity == parity[0])
+
+
+def test_digits_range_and_shape():
+    src = load_source("digits")
+    assert src.sample_shape == (1, 8, 8) and len(src.data) == 1797
+    assert src.data.min() == -1 and src.data.max() == 1
+
+
+def test_npy_and_datasets_folder(tmp_path):
+    import datasets
+
+    arr = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", arr)
+    src = load_source(str(tmp_path / "x.npy"))
+    assert src.sample_shape == (3,) and torch.equal(src.data, torch.from_numpy(arr))
+    datasets.Dataset.from_dict({"x": arr}).save_to_disk(str(tmp_path / "ds"))
+    src = load_source(str(tmp_path / "ds"))
+    np.testing.assert_array_equal(src.data.numpy(), arr)
+    assert len(src.reference(20)) == 20
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(ReflowError, match="no such file"):
+        load_source(str(tmp_path / "missing.npy"))
+    np.save(tmp_path / "flat.npy", np.zeros(5))
+    with pytest.raises(ReflowError, match="shape"):
+        load_source(str(tmp_path / "flat.npy"))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ReflowError, match="numeric"):
+        load_source(str(tmp_path / "obj.npy"))
+    with pytest.raises(ReflowError, match="unknown data source"):
+        load_source("swissroll")
+    (tmp_path / "notds").mkdir()
+    with pytest.raises(ReflowError, match="save_to_disk"):
+        load_source(str(tmp_path / "notds"))

@@ -1,0 +1,126 @@
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reflow.errors import ReflowError
+from reflow.pairs import generate_pairs
+from reflow.teachers import FlowTeacher
+from reflow.training import TrainConfig, checkpoint_root, latest_checkpoint, train
+
+TINY = dict(hidden_dim=32, num_layers=2, time_embed_dim=16, batch_size=64, log_every=5)
+
+
+def weights(folder):
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_round1_learns_and_writes_a_model_folder(tmp_path):
+    losses = []
+    result = train(
+        TrainConfig(out=str(tmp_path / "m"), data="8gaussians", max_steps=200, lr=3e-3, **TINY),
+        progress=lambda step, total, loss, sps: losses.append(loss),
+    )
+    assert result.steps == 200 and (tmp_path / "m" / "config.json").is_file()
+    assert losses[-1] < 0.8 * losses[0]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "8gaussians" in card and "EMA" in card
+    assert not checkpoint_root(tmp_path / "m").exists()
+    with pytest.raises(ReflowError, match="already exists"):
+        train(TrainConfig(out=str(tmp_path / "m"), data="moons", max_steps=1, **TINY))
+
+
+def test_reflow_round_from_pairs_with_init(tiny_flow, tmp_path):
+    pairs = generate_pairs(FlowTeacher(tiny_flow, nfe=4), tmp_path / "pairs", 256, batch_size=128)
+    result = train(
+        TrainConfig(
+            out=str(tmp_path / "2rf"),
+            pairs=str(pairs),
+            init=str(tiny_flow),
+            max_steps=5,
+            time_sampler="u_shaped",
+            loss="pseudo_huber",
+            **TINY,
+        )
+    )
+    assert result.steps == 5
+    card = (tmp_path / "2rf" / "README.md").read_text()
+    assert '"nfe": 4' in card and "u_shaped" in card
+
+
+RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    from reflow.training import TrainConfig, train
+    out, kill_at = sys.argv[1], int(sys.argv[2])
+    def progress(step, total, loss, sps):
+        if kill_at and step >= kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    cfg = TrainConfig(out=out, data="moons", max_steps=40, checkpoint_every=10, resume=True, lr=3e-3,
+                      hidden_dim=32, num_layers=2, time_embed_dim=16, batch_size=64, log_every=1, ema_decay=0.9)
+    train(cfg, progress=progress)
+    """
+)
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+    clean = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "clean"), "0"], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    killed = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "resumed"), "25"], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000020"
+    resumed = subprocess.run(
+        [sys.executable, "-c", RUN, str(tmp_path / "resumed"), "0"], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "clean"), weights(tmp_path / "resumed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_checkpoints_need_resume_flag(tmp_path):
+    root = checkpoint_root(tmp_path / "m") / "step-0000010"
+    root.mkdir(parents=True)
+    (root / "reflow_step.json").write_text(json.dumps({"step": 10}))
+    with pytest.raises(ReflowError, match="--resume"):
+        train(TrainConfig(out=str(tmp_path / "m"), data="moons", max_steps=20, **TINY))
+
+
+def test_nan_loss_stops_with_one_line(tmp_path):
+    np.save(tmp_path / "huge.npy", np.full((16, 2), 3e38, dtype=np.float32))
+    with pytest.raises(ReflowError, match="loss became"):
+        train(TrainConfig(out=str(tmp_path / "m"), data=str(tmp_path / "huge.npy"), max_steps=3, **TINY))
+    assert not (tmp_path / "m").exists()
+
+
+def test_toml_config_and_overrides(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('max-steps = 7\nlr = 0.01\ntime_sampler = "logit_normal"\n')
+    cfg = TrainConfig.from_toml(cfg_file, out="x", data="moons", lr=0.5, max_steps=None)
+    assert (cfg.max_steps, cfg.lr, cfg.time_sampler, cfg.data) == (7, 0.5, "logit_normal", "moons")
+    cfg_file.write_text("learning_rate = 1\n")
+    with pytest.raises(ReflowError, match="unknown setting"):
+        TrainConfig.from_toml(cfg_file)
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(data=None), "exactly one of"),
+        (dict(max_steps=0), "max-steps"),
+        (dict(loss="l1"), "--loss"),
+        (dict(time_sampler="beta"), "--time-sampler"),
+        (dict(batch_size=63, gradient_accumulation_steps=2), "divide evenly"),
+    ],
+)
+def test_bad_settings(tmp_path, kw, msg):
+    base = dict(out=str(tmp_path / "m"), data="moons", max_steps=2, **TINY)
+    base.update(kw)
+    with pytest.raises(ReflowError, match=msg):
+        train(TrainConfig(**base))
