@@ -56,3 +56,21 @@ def test_bad_sources(tmp_path):
     (tmp_path / "notds").mkdir()
     with pytest.raises(ReflowError, match="save_to_disk"):
         load_source(str(tmp_path / "notds"))
+
+
+def test_image_folder_dataset_and_pairs_folder_as_source(tmp_path):
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(6, 4, 5), dtype=np.uint8)
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(p, mode="L") for p in pixels], "y": list(range(6))})
+    ds = ds.cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "imgs"))
+    src = load_source(str(tmp_path / "imgs"))
+    assert src.sample_shape == (1, 4, 5)
+    np.testing.assert_allclose(src.data.numpy()[:, 0], pixels / 127.5 - 1, atol=1e-6)
+    # A pairs folder is a source of its z1 column (e.g. the teacher's samples as a reference).
+    z = rng.normal(size=(7, 2)).astype(np.float32)
+    datasets.Dataset.from_dict({"z0": z * 0, "z1": z, "index": np.arange(7)}).save_to_disk(str(tmp_path / "pairs"))
+    np.testing.assert_array_equal(load_source(str(tmp_path / "pairs")).data.numpy(), z)
