@@ -199,7 +199,10 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         num_warmup_steps=min(config.warmup_steps, config.max_steps // 10),
         num_training_steps=config.max_steps,
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is not prepared: Accelerate would step it once per process per step (it assumes the
+    # data is split by length); ours steps once per optimizer step, whatever the number of processes.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     raw = accelerator.unwrap_model(model)
     ema = EMAModel(raw.parameters(), decay=config.ema_decay)
     accelerator.register_for_checkpointing(ema)
@@ -257,7 +260,8 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
                 if accelerator.sync_gradients and config.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.item() / micro
         ema.step(raw.parameters())

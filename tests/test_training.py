@@ -124,3 +124,36 @@ def test_bad_settings(tmp_path, kw, msg):
     base.update(kw)
     with pytest.raises(ReflowError, match=msg):
         train(TrainConfig(**base))
+
+
+def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
+    import os
+
+    bindir = os.path.dirname(sys.executable)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("hidden_dim = 32\nnum_layers = 2\ntime_embed_dim = 16\nema_decay = 0.5\n")
+    args = ["train", "--data", "moons", "--max-steps", "15", "--batch-size", "64", "--lr", "3e-3", "--config", str(cfg)]
+    one = subprocess.run(
+        [os.path.join(bindir, "reflow"), *args, "--out", str(tmp_path / "one")], capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [
+            os.path.join(bindir, "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29534",
+            os.path.join(bindir, "reflow"),
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
