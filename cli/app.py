@@ -152,11 +152,11 @@ def _run_training(config) -> None:
     with _Bar("train") as bar:
 
         def on_step(step: int, total: int, loss: float, sps: float) -> None:
-            bar.update(step, total, f"loss {loss:.4f}  {sps:,.0f} samples/s")
+            bar.update(step, total, f"loss {loss:.4g}  {sps:,.0f} samples/s")
 
         result = train(config, progress=on_step)
     console.print(
-        f"wrote [bold]{result.out}[/bold]: {result.steps} steps, final loss {result.loss:.4f}, "
+        f"wrote [bold]{result.out}[/bold]: {result.steps} steps, final loss {result.loss:.4g}, "
         f"{result.samples_per_second:,.0f} samples/s"
     )
 
@@ -371,7 +371,7 @@ def metrics_table(rows: list[tuple[str, dict]], nfes: list[int]) -> Table:
         cells = [f"{m['nfe'][str(k)]['w2']:.4f}" for k in nfes]
         ad = m.get("adaptive")
         cells.append(f"{ad['w2']:.4f} ({ad['nfe']})" if ad else "-")
-        cells.append(f"{m['straightness']:.4f}")
+        cells.append(f"{m['straightness']:.3g}")
         table.add_row(name, *cells)
     return table
 

@@ -38,7 +38,7 @@ def run_quickstart(
     def stage(name: str) -> Callable[[int, int, float, float], None]:
         def on_step(step: int, total: int, loss: float, sps: float) -> None:
             if progress:
-                progress(name, step, total, f"loss {loss:.4f}  {sps:,.0f} samples/s")
+                progress(name, step, total, f"loss {loss:.4g}  {sps:,.0f} samples/s")
 
         return on_step
 
