@@ -218,12 +218,12 @@ def generate_cmd(
     out: Annotated[Path, typer.Option(help="Pairs folder to write (datasets save_to_disk).")],
     num_pairs: Annotated[int, typer.Option(help="Number of (z0, z1) pairs.")],
     nfe: Annotated[
-        int | None, typer.Option(help="Teacher network calls per sample [default: 50 diffusers, 100 flow].")
+        int | None, typer.Option(help="Teacher network calls per sample (default: 50 diffusers, 100 flow).")
     ] = None,
     solver: Annotated[
         str | None,
         typer.Option(
-            help="Diffusers: ddim (eta=0) or dpm (DPM-Solver++). Flow: euler, heun or adaptive. [default: ddim / euler]"
+            help="Diffusers: ddim (eta=0) or dpm (DPM-Solver++). Flow: euler, heun or adaptive. (default: ddim / euler)"
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Noise seed: z0 of row i depends on (seed, i) only.")] = 0,
@@ -232,7 +232,7 @@ def generate_cmd(
     shard_size: Annotated[int | None, typer.Option(help="Rows per shard (the unit of resume).")] = None,
     labels: Annotated[
         str | None,
-        typer.Option(help="Class-conditional teachers: comma-separated classes to draw from [default: all]."),
+        typer.Option(help="Class-conditional teachers: comma-separated classes to draw from (default: all)."),
     ] = None,
     timestep_spacing: Annotated[
         str | None,
@@ -241,6 +241,11 @@ def generate_cmd(
     clip_sample: Annotated[
         bool | None, typer.Option("--clip-sample/--no-clip-sample", help="Diffusers DDIM: override clipping of x0.")
     ] = None,
+    autocast: Annotated[
+        str | None,
+        typer.Option(help="Diffusers on GPU: run the UNet under bf16 or fp16 autocast (recorded: it changes samples)."),
+    ] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="Diffusers: torch.compile the UNet.")] = False,
     round_: Annotated[int, typer.Option("--round", help="Reflow round these pairs train (recorded).")] = 1,
     push_to_hub: Annotated[
         str | None, typer.Option(help="Also upload the finished pairs to this Hub dataset repo.")
@@ -254,9 +259,10 @@ def generate_cmd(
     is_diffusers = (teacher / "model_index.json").is_file()
     solver = solver or ("ddim" if is_diffusers else "euler")
     nfe = nfe or (50 if is_diffusers else 100)
-    overrides = {
-        k: v for k, v in (("timestep_spacing", timestep_spacing), ("clip_sample", clip_sample)) if v is not None
-    }
+    settings = (("timestep_spacing", timestep_spacing), ("clip_sample", clip_sample), ("autocast", autocast))
+    overrides = {k: v for k, v in settings if v is not None}
+    if compile_:
+        overrides["compile"] = True
     t = load_teacher(teacher, nfe=nfe, solver=solver, device=_device(), allow_pickle=allow_pickle, **overrides)
     with _Bar("generate") as bar:
 
@@ -286,7 +292,7 @@ def verify_pairs_cmd(
     rows: Annotated[int, typer.Option(help="Rows to re-run through the teacher.")] = 16,
     seed: Annotated[int, typer.Option(help="Which rows: a random choice with this seed.")] = 0,
     atol: Annotated[
-        float | None, typer.Option(help="Largest difference accepted [default: 1e-4 float32, 2e-3 float16].")
+        float | None, typer.Option(help="Largest difference accepted (default: 1e-4 float32, 2e-3 float16).")
     ] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
 ) -> None:

@@ -11,6 +11,16 @@ Each call runs the loop DDIMPipeline runs inside (set_timesteps, scale_model_inp
 ``z0 * scheduler.init_noise_sigma``: z0 is the unit Gaussian the teacher started from. The output is
 the final sample in model space, with no clamping or rescaling. Only ``UNet2DModel`` networks are
 loaded, weights come from safetensors unless ``allow_pickle``, and no remote or custom code is run.
+
+Speed settings, all off on the CPU by default (CPU results are those of the plain loop, bit for bit):
+
+- ``channels_last`` (default: on for CUDA): the UNet's weights and inputs in NHWC memory format;
+- ``autocast`` ("bfloat16" / "float16"): the UNet's forward pass under ``torch.autocast``; it changes
+  the samples, so it is recorded in ``describe()["overrides"]`` (absent when off);
+- ``compile``: the UNet wrapped in ``torch.compile``.
+
+The UNet's timesteps are moved to the device once, and a pinned z0 is uploaded asynchronously, so
+a call queues its GPU work without waiting for the previous call's.
 """
 
 from __future__ import annotations
@@ -29,6 +39,23 @@ from .teachers import config_hash, weights_hash
 
 DIFFUSERS_SOLVERS = ("ddim", "dpm")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+AUTOCAST_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def _autocast_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype) and value in AUTOCAST_DTYPES.values():
+        return value
+    if isinstance(value, str) and value.lower() in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[value.lower()]
+    raise ReflowError(f"autocast must be one of bfloat16, float16 (or bf16, fp16), got {value!r}")
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -78,7 +105,8 @@ class DiffusersTeacher:
     ``__call__(z0, labels=None) -> z1``: z0 of shape (B, *sample_shape), unit Gaussian; labels (B,)
     class indices for a class-conditional UNet (``num_classes`` is not None), else None.
     ``timestep_spacing`` and ``clip_sample`` override the checkpoint's scheduler config and are
-    recorded in ``describe()``.
+    recorded in ``describe()``, as is ``autocast`` when set. ``channels_last`` (None: on for CUDA only) and
+    ``compile`` are speed settings, not recorded (see the module docstring).
     """
 
     def __init__(
@@ -91,6 +119,9 @@ class DiffusersTeacher:
         *,
         timestep_spacing: str | None = None,
         clip_sample: bool | None = None,
+        autocast: str | torch.dtype | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
     ):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
@@ -125,6 +156,7 @@ class DiffusersTeacher:
                     "clip_sample applies only to --solver ddim (DPM-Solver++ does not clip); drop it or use ddim"
                 )
             overrides["clip_sample"] = bool(clip_sample)
+        autocast_dtype = _autocast_dtype(autocast)
 
         model_index = _read_json(path / "model_index.json")
         unet_config = _read_json(unet_dir / "config.json")
@@ -174,11 +206,23 @@ class DiffusersTeacher:
         self.device = torch.device(device)
         self.unet = unet.to(self.device).eval()
         self.unet.requires_grad_(False)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self.autocast_dtype = autocast_dtype
+        self._forward = torch.compile(self.unet) if compile else self.unet
         self.scheduler = scheduler
+        # The UNet's copy of the timesteps, on the device once (a per-step upload would wait for the GPU).
+        self._timesteps = scheduler.timesteps.clone()
+        self._unet_timesteps = self._timesteps.to(self.device)
         self.path = path
         self.nfe = nfe
         self.solver = solver
-        self.overrides = overrides
+        self.scheduler_overrides = overrides
+        # What describe() records and load_teacher(**overrides) takes back (verify-pairs reruns with it).
+        self.overrides = dict(overrides)
+        if autocast_dtype is not None:
+            self.overrides["autocast"] = str(autocast_dtype).removeprefix("torch.")
         self.checkpoint_scheduler = checkpoint_scheduler
         self.components = sorted(k for k in model_index if not k.startswith("_"))
 
@@ -254,7 +298,8 @@ class DiffusersTeacher:
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= self.num_classes:
                 raise ReflowError(f"class labels must be in [0, {self.num_classes - 1}], got {lo}..{hi}")
-        return labels.to(self.device, torch.long)
+        non_blocking = self.device.type == "cuda" and labels.device.type == "cpu" and labels.is_pinned()
+        return labels.to(self.device, torch.long, non_blocking=non_blocking)
 
     @torch.inference_mode()
     def __call__(self, z0: torch.Tensor, labels: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
@@ -266,13 +311,29 @@ class DiffusersTeacher:
         # Timesteps stay on the CPU, as in DDIMPipeline (DDIM indexes its CPU alphas with them); this
         # also resets the multistep solver's state, so every call starts fresh.
         scheduler.set_timesteps(self.nfe)
+        if not torch.equal(scheduler.timesteps, self._timesteps):  # never expected: set_timesteps is pure
+            self._timesteps = scheduler.timesteps.clone()
+            self._unet_timesteps = self._timesteps.to(self.device)
         dtype = self.unet.dtype
-        x = z0.to(self.device, dtype) * scheduler.init_noise_sigma
+        # A pinned z0 (as generate_pairs passes on CUDA) is uploaded without waiting for queued GPU work.
+        non_blocking = self.device.type == "cuda" and z0.device.type == "cpu" and z0.is_pinned()
+        x = z0.to(self.device, dtype, non_blocking=non_blocking) * scheduler.init_noise_sigma
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        if self.channels_last:
+            x = x.contiguous(memory_format=memory_format)
         step_kwargs = {"eta": 0.0} if self.solver == "ddim" else {}
-        for t in scheduler.timesteps:
+        for t, unet_t in zip(scheduler.timesteps, self._unet_timesteps, strict=True):
             model_input = scheduler.scale_model_input(x, t)
-            out = self.unet(model_input, t, class_labels=class_labels).sample
+            if self.channels_last:
+                model_input = model_input.contiguous(memory_format=memory_format)
+            if self.autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    out = self._forward(model_input, unet_t, class_labels=class_labels).sample
+            else:
+                out = self._forward(model_input, unet_t, class_labels=class_labels).sample
             if self._split_output:
                 out = out[:, : self.sample_shape[0]]
+            if out.dtype != x.dtype:  # autocast: step the solver in the sample's precision
+                out = out.to(x.dtype)
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-        return x
+        return x.contiguous() if self.channels_last else x

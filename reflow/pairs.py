@@ -189,38 +189,83 @@ def generate_pairs(
     if progress:
         progress(done_rows, total_rows)
 
-    # Storage runs on a background thread so the teacher never waits for Arrow writes.
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    # The host never makes the teacher wait:
+    # - the next batch's noise (and labels) is drawn on a background thread while the teacher runs
+    #   (pinned, on CUDA, so the teacher's upload can be asynchronous);
+    # - on CUDA a batch's output is copied back asynchronously and only waited for after the next batch
+    #   has been queued, so the GPU has work while the host checks and stores the previous batch;
+    # - Arrow writes run on another background thread.
+    # Rows, their order and the values stored are the same as one batch at a time.
+    device = torch.device(getattr(teacher, "device", None) or "cpu")
+    on_cuda = device.type == "cuda"
+    store_dtype = DTYPES[dtype]
+
+    def shard_rows(k: int) -> tuple[int, int]:
+        return k * shard_size, min((k + 1) * shard_size, num_pairs)
+
+    batches = [
+        (k, range(b, min(b + batch_size, shard_rows(k)[1]))) for k in todo for b in range(*shard_rows(k), batch_size)
+    ]
+
+    def draw(idx: range):
+        """(z0, y) for the rows, and the copies handed to the teacher (pinned on CUDA)."""
+        z0 = row_noise(seed, idx, shape)
+        y = row_labels(seed, idx, labels) if num_classes is not None else None
+        if not on_cuda:
+            return z0, y, z0, y
+        return z0, y, z0.pin_memory(), (y.pin_memory() if y is not None else None)
+
+    with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as drawer:
         pending: Future | None = None
-        for k in todo:
-            start, stop = k * shard_size, min((k + 1) * shard_size, num_pairs)
-            z0_parts, z1_parts, label_parts = [], [], []
-            for b in range(start, stop, batch_size):
-                idx = range(b, min(b + batch_size, stop))
-                z0 = row_noise(seed, idx, shape)
-                if num_classes is not None:
-                    y = row_labels(seed, idx, labels)
-                    label_parts.append(y.numpy())
-                    z1 = teacher(z0, y)
-                else:
-                    z1 = teacher(z0)
-                if not torch.isfinite(z1).all():
-                    raise ReflowError(f"the teacher produced NaN/inf on rows {idx.start}-{idx.stop - 1}; check it")
-                z0_parts.append(z0.to(DTYPES[dtype]).numpy())
-                z1_parts.append(z1.detach().to("cpu", DTYPES[dtype]).numpy())
-                done_rows += len(idx)
-                if progress:
-                    progress(done_rows, total_rows)
-            if pending is not None:
-                pending.result()
-            columns = {
-                "z0": np.concatenate(z0_parts),
-                "z1": np.concatenate(z1_parts),
-                "index": np.arange(start, stop, dtype=np.int64),
-            }
-            if label_parts:
-                columns["label"] = np.concatenate(label_parts)
-            pending = writer.submit(_write_shard, _shard_dir(work, k), columns, features)
+        z0_parts: list[np.ndarray] = []
+        z1_parts: list[np.ndarray] = []
+        label_parts: list[np.ndarray] = []
+
+        def finish(k: int, idx: range, z0: torch.Tensor, y: torch.Tensor | None, z1: torch.Tensor, ready) -> None:
+            nonlocal pending, done_rows, z0_parts, z1_parts, label_parts
+            if ready is not None:
+                ready.synchronize()
+            if not torch.isfinite(z1).all():
+                raise ReflowError(f"the teacher produced NaN/inf on rows {idx.start}-{idx.stop - 1}; check it")
+            z0_parts.append(z0.to(store_dtype).numpy())
+            z1_parts.append(z1.to(store_dtype).numpy())
+            if y is not None:
+                label_parts.append(y.numpy())
+            done_rows += len(idx)
+            if progress:
+                progress(done_rows, total_rows)
+            start, stop = shard_rows(k)
+            if idx.stop == stop:  # the shard's last batch: hand the shard to the writer
+                if pending is not None:
+                    pending.result()
+                columns = {
+                    "z0": np.concatenate(z0_parts),
+                    "z1": np.concatenate(z1_parts),
+                    "index": np.arange(start, stop, dtype=np.int64),
+                }
+                if label_parts:
+                    columns["label"] = np.concatenate(label_parts)
+                pending = writer.submit(_write_shard, _shard_dir(work, k), columns, features)
+                z0_parts, z1_parts, label_parts = [], [], []
+
+        queued = None  # a CUDA batch whose output is still on its way to the host
+        upcoming = drawer.submit(draw, batches[0][1]) if batches else None
+        for j, (k, idx) in enumerate(batches):
+            z0, y, z0_feed, y_feed = upcoming.result()
+            if j + 1 < len(batches):
+                upcoming = drawer.submit(draw, batches[j + 1][1])
+            z1 = (teacher(z0_feed, y_feed) if y is not None else teacher(z0_feed)).detach()
+            if on_cuda and z1.device.type == "cuda":
+                z1 = z1.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+                ready = torch.cuda.Event()
+                ready.record()
+                if queued is not None:
+                    finish(*queued)
+                queued = (k, idx, z0, y, z1, ready)
+            else:
+                finish(k, idx, z0, y, z1.to("cpu"), None)
+        if queued is not None:
+            finish(*queued)
         if pending is not None:
             pending.result()
 
