@@ -48,8 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher",
         type=Path,
         default=None,
-        help=f"diffusers pipeline folder [default: {DEFAULT_TEACHER.relative_to(REPO)} if it exists, "
-        "else a digits-sized random UNet2DModel saved to a temporary folder]",
+        help=f"diffusers pipeline folder [default: the bundled {DEFAULT_TEACHER.relative_to(REPO)}]",
     )
     p.add_argument("--num-pairs", type=int, default=None, help="pairs per timed run [default: 4 batches]")
     p.add_argument("--nfe", type=int, default=50, help="UNet calls per sample")
@@ -71,35 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_digits_teacher(folder: Path) -> Path:
-    """A UNet2DModel of the bundled digits teacher's size and scheduler (random weights: speed only)."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=2,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=32,
-        norm_num_groups=32,
-    )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="linear",
-        prediction_type="epsilon",
-        clip_sample=True,
-        variance_type="fixed_small",
-    )
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
-    return folder
-
-
 def batch_sizes(num: int, batch: int) -> list[int]:
     return [min(batch, num - b) for b in range(0, num, batch)]
 
@@ -117,14 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     scratch = tempfile.TemporaryDirectory(prefix="reflow-bench-")
     root = Path(scratch.name)
     if args.teacher is None:
-        if (DEFAULT_TEACHER / "model_index.json").is_file():
-            args.teacher = DEFAULT_TEACHER
-        else:
-            args.teacher = build_digits_teacher(root / "digits-random")
-            print(
-                f"note: {DEFAULT_TEACHER.relative_to(REPO)} not found; built a digits-sized random "
-                f"UNet2DModel (8x8x1, channels 32,64, 2 layers/block, attention) in {args.teacher}"
-            )
+        args.teacher = DEFAULT_TEACHER
 
     extra = {}
     if args.autocast:
