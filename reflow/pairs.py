@@ -166,6 +166,8 @@ def generate_pairs(
         if not info_file.is_file():
             raise ReflowError(f"{out} exists and is not a reflow pairs folder; pick a new --out")
         same_settings(json.loads(info_file.read_text()), out)
+        if push_to_hub and state.is_main_process:  # e.g. a rerun after a failed upload
+            push_pairs(out, push_to_hub)
         return out  # already complete
 
     work = out.parent / f"{out.name}.partial"

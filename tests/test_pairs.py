@@ -216,3 +216,7 @@ def test_push_to_hub_is_called_with_the_repo(tiny_flow, tmp_path, monkeypatch):
     with pytest.raises(ReflowError, match="pairs are complete on disk"):
         generate_pairs(FlowTeacher(tiny_flow, nfe=2), tmp_path / "q", 20, batch_size=8, push_to_hub="me/pairs")
     assert (tmp_path / "q" / "reflow_pairs.json").is_file()
+    # Rerunning the same command after the failed upload pushes the finished pairs.
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, repo, **kw: calls.append((repo, len(self))))
+    generate_pairs(FlowTeacher(tiny_flow, nfe=2), tmp_path / "q", 20, batch_size=8, push_to_hub="me/pairs")
+    assert calls == [("me/pairs", 20), ("me/pairs", 20)]
