@@ -144,6 +144,29 @@ TimeSampler = Annotated[
 ]
 Loss = Annotated[str | None, typer.Option(help="l2 or pseudo_huber.", rich_help_panel="Method")]
 EmaDecay = Annotated[float | None, typer.Option(help="EMA decay of the saved weights.", rich_help_panel="Method")]
+MaxPairs = Annotated[
+    int | None, typer.Option(help="Train on the first N pairs only (default: all).", rich_help_panel="Method")
+]
+LogWith = Annotated[
+    str | None,
+    typer.Option(
+        help="Accelerate trackers: auto (tensorboard when installed), none, tensorboard, wandb, all. "
+        "Logs go to OUT.logs/.",
+        rich_help_panel="Training",
+    ),
+]
+AllowPickle = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Load pickle (.bin) weights of --init you trust.", rich_help_panel="Model"),
+]
+
+
+def _training_config(config_file: Path | None, **overrides):
+    from reflow.training import TrainConfig
+
+    if config_file is not None:
+        return TrainConfig.from_toml(config_file, **overrides)
+    return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def _run_training(config) -> None:
@@ -164,7 +187,7 @@ def _run_training(config) -> None:
 @app.command("train")
 @user_errors
 def train_cmd(
-    out: Annotated[Path, typer.Option(help="Model folder to write (save_pretrained).")],
+    out: Annotated[Path, typer.Option(help="Model folder to write (an image model: a diffusers pipeline).")],
     data: Annotated[
         str | None,
         typer.Option(
@@ -172,7 +195,20 @@ def train_cmd(
         ),
     ] = None,
     pairs: Annotated[Path | None, typer.Option(help="Reflow round: a pairs folder from `reflow generate`.")] = None,
-    init: Annotated[Path | None, typer.Option(help="Model folder to start from (e.g. the teacher).")] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from a reflow model or a diffusers DDPM checkpoint (its UNet becomes the velocity model).",
+            rich_help_panel="Model",
+        ),
+    ] = None,
+    model_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON config of a fresh model (a UNet2DModel or MLPVelocity config.json) when there is no --init.",
+            rich_help_panel="Model",
+        ),
+    ] = None,
     max_steps: MaxSteps = None,
     batch_size: BatchSize = None,
     lr: Lr = None,
@@ -180,19 +216,22 @@ def train_cmd(
     checkpoint_every: CheckpointEvery = None,
     resume: Resume = False,
     mixed_precision: MixedPrecision = None,
+    log_with: LogWith = None,
     config: ConfigFile = None,
     time_sampler: TimeSampler = None,
     loss: Loss = None,
     ema_decay: EmaDecay = None,
+    max_pairs: MaxPairs = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Train a flow: from data (round 1, independent coupling) or from teacher pairs (reflow)."""
-    from reflow.training import TrainConfig
-
-    overrides = dict(
+    cfg = _training_config(
+        config,
         out=str(out),
         data=data,
         pairs=str(pairs) if pairs else None,
         init=str(init) if init else None,
+        model_config=str(model_config) if model_config else None,
         max_steps=max_steps,
         batch_size=batch_size,
         lr=lr,
@@ -200,14 +239,57 @@ def train_cmd(
         checkpoint_every=checkpoint_every,
         resume=resume or None,
         mixed_precision=mixed_precision,
+        log_with=log_with,
         time_sampler=time_sampler,
         loss=loss,
         ema_decay=ema_decay,
+        max_pairs=max_pairs,
+        allow_pickle=allow_pickle or None,
     )
-    if config is not None:
-        cfg = TrainConfig.from_toml(config, **overrides)
-    else:
-        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    _run_training(cfg)
+
+
+@app.command("distill")
+@user_errors
+def distill_cmd(
+    pairs: Annotated[Path, typer.Option(help="The teacher's pairs (z0 -> z1) to distill onto.")],
+    init: Annotated[Path, typer.Option(help="The reflow student to start from.", rich_help_panel="Model")],
+    out: Annotated[Path, typer.Option(help="Model folder to write.")],
+    k: Annotated[int, typer.Option(help="Steps of the distilled sampler (its Euler grid is the student's).")] = 1,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    seed: Seed = None,
+    checkpoint_every: CheckpointEvery = None,
+    resume: Resume = False,
+    mixed_precision: MixedPrecision = None,
+    log_with: LogWith = None,
+    config: ConfigFile = None,
+    loss: Loss = None,
+    ema_decay: EmaDecay = None,
+    max_pairs: MaxPairs = None,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Distill a student into a k-step generator: regress its k-step Euler output from z0 onto the teacher's z1."""
+    cfg = _training_config(
+        config,
+        out=str(out),
+        pairs=str(pairs),
+        init=str(init),
+        distill_k=k,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        resume=resume or None,
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        loss=loss,
+        ema_decay=ema_decay,
+        max_pairs=max_pairs,
+        allow_pickle=allow_pickle or None,
+    )
     _run_training(cfg)
 
 
@@ -319,7 +401,12 @@ def verify_pairs_cmd(
 def sample_cmd(
     model: Annotated[Path, typer.Option(help="Model folder.")],
     out: Annotated[Path, typer.Option(help="Where to write the samples (.npy, float32, model space).")],
-    nfe: Annotated[int, typer.Option(help="Network calls (Euler steps on a uniform grid).")] = 1,
+    nfe: Annotated[
+        int,
+        typer.Option(
+            help="Network calls: Euler steps on the model's grid (uniform; for an image student, its scheduler's)."
+        ),
+    ] = 1,
     num: Annotated[int | None, typer.Option(help="Number of samples (with --seed).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed: sample i starts from row_noise(seed, i).")] = 0,
     noise: Annotated[Path | None, typer.Option(help="Start from this z0 array (.npy) instead of --num/--seed.")] = None,

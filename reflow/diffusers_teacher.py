@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .errors import ReflowError
+from .models import load_unet
 from .teachers import config_hash, weights_hash
 
 DIFFUSERS_SOLVERS = ("ddim", "dpm")
@@ -123,7 +124,7 @@ class DiffusersTeacher:
         channels_last: bool | None = None,
         compile: bool = False,
     ):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
         path = Path(path)
         if not path.exists():
@@ -188,20 +189,7 @@ class DiffusersTeacher:
             raise ReflowError(f"--nfe {nfe} does not fit this scheduler: {_first_line(e)}") from None
 
         # UNet: safetensors unless pickle is allowed explicitly. Never DiffusionPipeline (no custom code).
-        has_safetensors = any(unet_dir.glob("*.safetensors"))
-        has_pickle = any(unet_dir.glob("*.bin"))
-        if not has_safetensors and not has_pickle:
-            raise ReflowError(
-                f"{unet_dir} holds no weights (.safetensors); re-save the checkpoint with save_pretrained"
-            )
-        if not has_safetensors and not allow_pickle:
-            raise ReflowError(
-                f"{unet_dir} has only pickle (.bin) weights; pass --allow-pickle to load weights you trust"
-            )
-        try:
-            unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=has_safetensors, local_files_only=True)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise ReflowError(f"could not load the UNet from {unet_dir}: {_first_line(e)}") from None
+        unet = load_unet(unet_dir, allow_pickle=allow_pickle)
 
         self.device = torch.device(device)
         self.unet = unet.to(self.device).eval()

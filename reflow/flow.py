@@ -75,3 +75,42 @@ def flow_matching_loss(
     """Conditional flow matching: E_t || v(x_t, t) - (z1 - z0) ||, averaged over the batch (a scalar)."""
     x_t = interpolate(z0, z1, t)
     return regression_loss(velocity(x_t, t), target_velocity(z0, z1), kind, huber_c).mean()
+
+
+# diffusers' flow-matching convention runs the other way (FlowMatchEulerDiscreteScheduler, DPM-Solver with
+# flow sigmas): sigma = 1 - t (sigma = 1 is noise), timestep = sigma * num_train_timesteps, and the model
+# predicts noise - data = z0 - z1 = -v. Every conversion between the two lives here.
+
+
+def to_diffusers_timestep(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """The timestep a flow-matching scheduler feeds the model at flow time t: (1 - t) * num_train_timesteps."""
+    return (1 - t) * num_train_timesteps
+
+
+def from_diffusers_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """Flow time t = 1 - sigma of a flow-matching scheduler's sigma."""
+    return 1 - sigma
+
+
+def velocity_from_diffusers(model_output: torch.Tensor) -> torch.Tensor:
+    """Our velocity v = z1 - z0 from a flow-matching model's prediction of z0 - z1 (and back: it is its own
+    inverse)."""
+    return -model_output
+
+
+def distillation_loss(
+    velocity: Velocity,
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    nodes: list[float],
+    query: list[float],
+    kind: str = "l2",
+    huber_c: float | None = None,
+) -> torch.Tensor:
+    """k-step distillation: the k-step Euler solve from z0 over ``nodes`` (velocity read at ``query``
+    times, k = len(query)) regressed onto the teacher's z1, averaged over the batch (a scalar)."""
+    x = z0
+    for i, tq in enumerate(query):
+        t = torch.full((x.shape[0],), tq, dtype=torch.float32, device=x.device)
+        x = x + (nodes[i + 1] - nodes[i]) * velocity(x, t)
+    return regression_loss(x, z1, kind, huber_c).mean()

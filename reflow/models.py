@@ -64,12 +64,209 @@ class MLPVelocity(ModelMixin, ConfigMixin):
 MODEL_CLASSES: dict[str, type[ModelMixin]] = {"MLPVelocity": MLPVelocity}
 
 
-def load_model(path: str | Path, *, allow_pickle: bool = False) -> ModelMixin:
-    """Load a velocity model folder written by ``save_pretrained`` (safetensors unless ``allow_pickle``)."""
+class UNetFlow(nn.Module):
+    """A diffusers ``UNet2DModel`` used as a velocity model, in diffusers' flow-matching convention.
+
+    The UNet sees what a flow-matching scheduler feeds it and predicts what that scheduler expects
+    (``reflow.flow.to_diffusers_timestep`` / ``velocity_from_diffusers``):
+
+        timestep = (1 - t) * num_train_timesteps,      unet(x_t, timestep) = z0 - z1 = -v(x_t, t)
+
+    so its folder (``reflow.pipelines.export``) runs in stock diffusers. A DDPM's UNet initialises it
+    with the same time mapping: the DDPM's timestep T - 1 is its noise end, as (1 - 0) * T is ours.
+    ``euler_grid(k)`` is the k-step grid of the exported scheduler, so ``reflow sample --nfe k`` and
+    ``pipe(num_inference_steps=k)`` make the same samples from the same noise.
+    """
+
+    def __init__(self, unet: ModelMixin, num_train_timesteps: int = 1000):
+        super().__init__()
+        if unet.config.num_class_embeds is not None or unet.config.class_embed_type is not None:
+            raise ReflowError(
+                "this UNet is class-conditional; reflow trains unconditional image students so far "
+                "(train from an unconditional checkpoint)"
+            )
+        self.unet = unet
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, h, w)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from .flow import to_diffusers_timestep, velocity_from_diffusers
+
+        out = self.unet(x, to_diffusers_timestep(t, self.num_train_timesteps)).sample
+        return velocity_from_diffusers(out)
+
+    def euler_grid(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nodes, query): the k-step Euler grid of the exported scheduler, as flow times (float64)."""
+        from .pipelines.export import student_scheduler
+
+        return scheduler_grid(student_scheduler(self.num_train_timesteps), steps)
+
+
+def scheduler_grid(scheduler: Any, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Euler grid a flow-matching diffusers scheduler runs for ``steps`` calls, in flow time.
+
+    ``nodes`` (steps + 1 values) are 1 - sigma (sigma = 1 is noise, so t = 0); ``query`` (steps values) are
+    the times the UNet is called at, 1 - timestep / num_train_timesteps (schedulers may round timesteps).
+    """
+    from .flow import from_diffusers_sigma
+
+    scheduler.set_timesteps(steps)
+    nodes = from_diffusers_sigma(scheduler.sigmas.double())
+    query = from_diffusers_sigma(scheduler.timesteps.double() / scheduler.config.num_train_timesteps)
+    return nodes, query
+
+
+def default_unet_config(sample_shape: tuple[int, ...]) -> dict[str, Any]:
+    """A UNet2DModel config for a fresh image student of shape (C, H, W): one resolution level per halving
+    H and W allow (2 to 4 levels), attention at the coarsest."""
+    c, h, w = sample_shape
+    levels = 1
+    while levels < 4 and h % (2**levels) == 0 and w % (2**levels) == 0 and min(h, w) // (2**levels) >= 2:
+        levels += 1
+    if levels < 2:
+        raise ReflowError(
+            f"a fresh UNet needs H and W divisible by 2 and at least 4, got {h}x{w}; pass --model-config or --init"
+        )
+    channels = (64, 128, 256, 256)[:levels]
+    return {
+        "sample_size": [h, w] if h != w else h,
+        "in_channels": c,
+        "out_channels": c,
+        "layers_per_block": 2,
+        "block_out_channels": list(channels),
+        "down_block_types": ["DownBlock2D"] * (levels - 1) + ["AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D"] + ["UpBlock2D"] * (levels - 1),
+        "norm_num_groups": 32,
+    }
+
+
+def build_model(sample_shape: tuple[int, ...], config: dict[str, Any] | None = None, **mlp: Any) -> nn.Module:
+    """A fresh velocity model: a UNetFlow for images (C, H, W), an MLPVelocity otherwise.
+
+    ``config`` is a model config (a UNet2DModel or MLPVelocity ``config.json``, e.g. a teacher's
+    ``unet/config.json`` for the same architecture); ``mlp`` are MLPVelocity settings for the default MLP.
+    """
+    from diffusers import UNet2DModel
+
+    sample_shape = tuple(sample_shape)
+    if config is not None:
+        config = dict(config)
+        class_name = config.pop("_class_name", "UNet2DModel" if len(sample_shape) == 3 else "MLPVelocity")
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        if class_name == "MLPVelocity":
+            config["sample_shape"] = list(sample_shape)
+            return MLPVelocity.from_config(config)
+        if class_name != "UNet2DModel":
+            raise ReflowError(f"--model-config names a {class_name}; use a UNet2DModel or MLPVelocity config")
+        try:
+            unet = UNet2DModel.from_config(config)
+        except (TypeError, ValueError) as e:
+            raise ReflowError(f"--model-config is not a valid UNet2DModel config: {e}") from None
+        model = UNetFlow(unet)
+        if model.sample_shape != sample_shape:
+            raise ReflowError(
+                f"--model-config makes samples of shape {model.sample_shape}, the data has {sample_shape}; "
+                "fix sample_size / in_channels"
+            )
+        if unet.config.out_channels != unet.config.in_channels:
+            raise ReflowError("--model-config must have out_channels equal to in_channels (a velocity has x's shape)")
+        return model
+    if len(sample_shape) == 3:
+        return UNetFlow(UNet2DModel.from_config(default_unet_config(sample_shape)))
+    return MLPVelocity(sample_shape=list(sample_shape), **mlp)
+
+
+def load_unet(unet_dir: Path, *, allow_pickle: bool = False) -> ModelMixin:
+    """A ``UNet2DModel`` from a folder: safetensors unless ``allow_pickle``; never custom code."""
+    from diffusers import UNet2DModel
+
+    config = _read_config(unet_dir / "config.json")
+    if config.get("_class_name") != "UNet2DModel":
+        raise ReflowError(f"{unet_dir} holds a {config.get('_class_name')}; only UNet2DModel is supported")
+    has_safetensors = any(unet_dir.glob("*.safetensors"))
+    has_pickle = any(unet_dir.glob("*.bin"))
+    if not has_safetensors and not has_pickle:
+        raise ReflowError(f"{unet_dir} holds no weights (.safetensors); re-save the checkpoint with save_pretrained")
+    if not has_safetensors and not allow_pickle:
+        raise ReflowError(f"{unet_dir} has only pickle (.bin) weights; pass --allow-pickle to load weights you trust")
+    try:
+        return UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=has_safetensors, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ReflowError(f"could not load the UNet from {unet_dir}: {first}") from None
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise ReflowError(f"{file.parent} has no {file.name}; pass a folder written by save_pretrained")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReflowError(f"{file} is not valid JSON ({type(e).__name__}); re-save the model") from None
+    if not isinstance(data, dict):
+        raise ReflowError(f"{file} is not a JSON object; re-save the model")
+    return data
+
+
+def is_flow_pipeline(path: str | Path) -> bool:
+    """Whether a diffusers pipeline folder holds a flow (a flow-matching scheduler), not a DDPM."""
+    path = Path(path)
+    file = path / "scheduler" / "scheduler_config.json"
+    if not (path / "model_index.json").is_file() or not file.is_file():
+        return False
+    config = _read_config(file)
+    return str(config.get("_class_name", "")).startswith("FlowMatch") or config.get("prediction_type") == (
+        "flow_prediction"
+    )
+
+
+def load_pipeline_flow(path: Path, *, allow_pickle: bool = False) -> UNetFlow:
+    """The velocity model of a flow pipeline folder (one written by ``reflow.pipelines.export``)."""
+    scheduler = _read_config(path / "scheduler" / "scheduler_config.json")
+    return UNetFlow(load_unet(path / "unet", allow_pickle=allow_pickle), scheduler.get("num_train_timesteps", 1000))
+
+
+def init_model(path: str | Path, *, allow_pickle: bool = False) -> nn.Module:
+    """The starting point of a student: one of our models, or a diffusers DDPM checkpoint whose UNet
+    initialises a UNetFlow of the same architecture (time mapped as in ``UNetFlow``)."""
+    path = Path(path)
+    if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
+        if not (path / "unet" / "config.json").is_file():
+            raise ReflowError(f"{path} has no unet/config.json; --init takes a UNet2DModel pipeline or a reflow model")
+        scheduler_file = path / "scheduler" / "scheduler_config.json"
+        steps = _read_config(scheduler_file).get("num_train_timesteps", 1000) if scheduler_file.is_file() else 1000
+        unet = load_unet(path / "unet", allow_pickle=allow_pickle)
+        if unet.config.out_channels != unet.config.in_channels:
+            raise ReflowError(
+                f"{path}: the UNet has {unet.config.out_channels} output channels for {unet.config.in_channels} "
+                "input channels (learned variance?); a velocity needs as many as the input"
+            )
+        return UNetFlow(unet, steps)
+    return load_model(path, allow_pickle=allow_pickle)
+
+
+def load_model(path: str | Path, *, allow_pickle: bool = False) -> nn.Module:
+    """Load a velocity model: a folder written by ``reflow train`` (an MLP's ``save_pretrained`` folder, or
+    an image student's diffusers pipeline folder); safetensors unless ``allow_pickle``."""
     path = Path(path)
     config_file = path / "config.json"
     if not path.is_dir():
         raise ReflowError(f"no such model folder: {path} (pass a folder written by `reflow train`)")
+    if is_flow_pipeline(path):
+        return load_pipeline_flow(path, allow_pickle=allow_pickle)
+    if (path / "model_index.json").is_file():
+        raise ReflowError(
+            f"{path} is a diffusers DDPM pipeline, not a flow; use it as --teacher or --init, or pass a reflow model"
+        )
     if not config_file.is_file():
         raise ReflowError(f"{path} has no config.json: not a model folder (pass a folder written by `reflow train`)")
     try:

@@ -321,8 +321,8 @@ class Pairs:
         return len(self.z0)
 
 
-def load_pairs(path: str | Path) -> Pairs:
-    """Open and check a pairs dataset written by ``generate_pairs`` (or by hand with the same columns)."""
+def _open_pairs_dataset(path: str | Path):
+    """Open a pairs dataset (memory-mapped Arrow) and check its columns; returns (dataset, provenance)."""
     import datasets
 
     path = Path(path)
@@ -345,6 +345,17 @@ def load_pairs(path: str | Path) -> Pairs:
     if len(ds) == 0:
         raise ReflowError(f"{path} holds no rows; regenerate it")
     try:
+        provenance = json.loads(ds.info.description or "{}")
+    except json.JSONDecodeError:
+        provenance = {}
+    return ds, provenance
+
+
+def load_pairs(path: str | Path) -> Pairs:
+    """Open and check a pairs dataset written by ``generate_pairs`` (or by hand with the same columns),
+    reading every row into memory (for evaluation and checks; training streams with ``PairsReader``)."""
+    ds, provenance = _open_pairs_dataset(path)
+    try:
         cols = ds.with_format("numpy")[:]
         z0 = np.asarray(cols["z0"], dtype=np.float32)
         z1 = np.asarray(cols["z1"], dtype=np.float32)
@@ -355,14 +366,98 @@ def load_pairs(path: str | Path) -> Pairs:
     if not (np.isfinite(z0).all() and np.isfinite(z1).all()):
         raise ReflowError(f"{path} holds NaN or inf values; regenerate it")
     index = np.asarray(cols["index"]) if "index" in ds.column_names else np.arange(len(ds))
-    try:
-        provenance = json.loads(ds.info.description or "{}")
-    except json.JSONDecodeError:
-        provenance = {}
     label = torch.from_numpy(np.asarray(cols["label"], dtype=np.int64)) if "label" in cols else None
     return Pairs(
         torch.from_numpy(z0), torch.from_numpy(z1), torch.from_numpy(index.astype(np.int64)), provenance, label
     )
+
+
+class PairsReader:
+    """Random batches from a pairs dataset without loading it into memory.
+
+    Each Arrow chunk of a fixed-shape column is viewed as one (rows, *shape) numpy array straight over
+    the memory-mapped file (zero copy), so a batch is a numpy gather: pairs larger than memory train,
+    and the OS page cache keeps hot rows in memory. Columns that cannot be viewed that way (nulls,
+    ragged rows) fall back to datasets' own row access.
+
+    ``max_rows`` keeps the first rows only (``--max-pairs``). ``batch(idx)`` returns float32 CPU tensors
+    (z0, z1, label or None) for row indices ``idx`` in order.
+    """
+
+    def __init__(self, path: str | Path, max_rows: int | None = None):
+        ds, self.provenance = _open_pairs_dataset(path)
+        self.path = Path(path)
+        if max_rows is not None and max_rows < 1:
+            raise ReflowError(f"--max-pairs must be at least 1, got {max_rows}")
+        self.rows = len(ds) if max_rows is None else min(max_rows, len(ds))
+        self.has_label = "label" in ds.column_names
+        self._ds = ds.with_format("numpy")
+        first = self._ds[0]
+        z0, z1 = np.asarray(first["z0"]), np.asarray(first["z1"])
+        if z0.shape != z1.shape or z0.ndim < 1:
+            raise ReflowError(f"{path}: z0 rows have shape {z0.shape} but z1 rows {z1.shape}; they must match")
+        self.sample_shape = tuple(z0.shape)
+        self._views = None
+        if ds._indices is None:
+            try:
+                self._views = {c: _chunk_views(ds.data.column(c), self.sample_shape) for c in ("z0", "z1")}
+                starts = np.cumsum([0] + [len(v) for v in self._views["z0"]])
+                self._starts = starts
+            except _NotViewable:
+                self._views = None
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def _gather(self, column: str, idx: np.ndarray) -> np.ndarray:
+        views = self._views[column]
+        chunk = np.searchsorted(self._starts, idx, side="right") - 1
+        out = np.empty((len(idx), *self.sample_shape), dtype=np.float32)
+        for c in np.unique(chunk):
+            sel = chunk == c
+            out[sel] = views[c][idx[sel] - self._starts[c]]
+        return out
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        rows = idx.numpy()
+        if self._views is not None:
+            z0, z1 = self._gather("z0", rows), self._gather("z1", rows)
+            label = None
+            if self.has_label:
+                label = np.asarray(self._ds[rows.tolist()]["label"], dtype=np.int64)
+        else:
+            try:
+                got = self._ds[rows.tolist()]
+                z0 = np.asarray(got["z0"], dtype=np.float32)
+                z1 = np.asarray(got["z1"], dtype=np.float32)
+            except (ValueError, TypeError):
+                raise ReflowError(f"{self.path}: z0/z1 rows have different shapes; pairs need one shape") from None
+            if z0.shape[1:] != self.sample_shape or z1.shape != z0.shape:
+                raise ReflowError(f"{self.path}: rows of shape {tuple(z0.shape[1:])} among {self.sample_shape}")
+            label = np.asarray(got["label"], dtype=np.int64) if self.has_label else None
+        return torch.from_numpy(z0), torch.from_numpy(z1), None if label is None else torch.from_numpy(label)
+
+
+class _NotViewable(Exception):
+    pass
+
+
+def _chunk_views(column, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Zero-copy (rows, *shape) numpy views of each chunk of a fixed-shape Arrow list column."""
+    import pyarrow as pa
+
+    views = []
+    for chunk in column.chunks:
+        arr = chunk.storage if isinstance(chunk.type, pa.ExtensionType) else chunk
+        rows = len(arr)
+        while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+            if arr.null_count:
+                raise _NotViewable
+            arr = arr.flatten()
+        if arr.null_count or not pa.types.is_floating(arr.type) or len(arr) != rows * math.prod(shape):
+            raise _NotViewable
+        views.append(arr.to_numpy(zero_copy_only=True).reshape(rows, *shape))
+    return views
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:

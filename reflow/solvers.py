@@ -67,17 +67,22 @@ def solve_fixed(
     grid: torch.Tensor,
     method: str = "euler",
     *,
+    query: torch.Tensor | None = None,
     measure_straightness: bool = False,
     return_trajectory: bool = False,
 ) -> ODESolution:
-    """Integrate from z0 over ``grid`` (t_0 = 0 ... t_N = 1) with Euler or Heun.
+    """Integrate from z0 over ``grid`` (t_0 ... t_N = 1) with Euler or Heun.
 
     Heun (Karras et al. 2022, Alg. 1) averages the slopes at both ends of a step and takes a plain
-    Euler step on the last interval, so N intervals cost 2N - 1 calls.
+    Euler step on the last interval, so N intervals cost 2N - 1 calls. ``query`` (Euler only): the time
+    each step's velocity is read at, when a model's grid says so (default: the step's start, grid[i]).
     """
     if method not in FIXED_SOLVERS:
         raise ValueError(f"unknown fixed-grid solver {method!r} (choose one of {', '.join(FIXED_SOLVERS)})")
     ts = [float(t) for t in grid]
+    qs = ts[:-1] if query is None else [float(t) for t in query]
+    if query is not None and (method != "euler" or len(qs) != len(ts) - 1):
+        raise ValueError("query times need the euler method and one time per step")
     x = z0
     slopes: list[torch.Tensor] = []
     path = [z0] if return_trajectory else None
@@ -85,7 +90,7 @@ def solve_fixed(
     for i in range(len(ts) - 1):
         t, t_next = ts[i], ts[i + 1]
         dt = t_next - t
-        d = velocity(x, _at(t, x))
+        d = velocity(x, _at(qs[i], x))
         nfe += 1
         if method == "heun" and i < len(ts) - 2:
             x_euler = x + dt * d
@@ -116,11 +121,17 @@ def solve(
 ) -> ODESolution:
     """Solve from z0 with a budget of ``nfe`` network calls (``adaptive`` ignores the budget).
 
-    Euler uses ``nfe`` uniform steps; Heun the largest number of intervals whose 2N - 1 calls fit.
+    Euler uses ``nfe`` steps on the model's own grid when it has one (``velocity.euler_grid(k)`` returns
+    nodes and query times, e.g. an exported student's scheduler grid) and on ``grid`` otherwise; Heun the
+    largest number of intervals whose 2N - 1 calls fit.
     """
     if method == "adaptive":
         return solve_adaptive(velocity, z0, rtol=rtol, atol=atol)
     steps = nfe if method == "euler" else heun_steps_for_nfe(nfe)
+    model_grid = getattr(velocity, "euler_grid", None)
+    if method == "euler" and grid == "uniform" and model_grid is not None:
+        nodes, query = model_grid(steps)
+        return solve_fixed(velocity, z0, nodes, method, query=query, measure_straightness=measure_straightness)
     return solve_fixed(velocity, z0, time_grid(steps, grid), method, measure_straightness=measure_straightness)
 
 

@@ -101,13 +101,17 @@ def load_teacher(
         raise ReflowError(
             f"no such teacher: {path} (pass a model folder written by `reflow train` or a diffusers pipeline folder)"
         )
-    if (path / "model_index.json").is_file():
+    from .models import is_flow_pipeline
+
+    if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
         from .diffusers_teacher import DiffusersTeacher
 
         return DiffusersTeacher(path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle, **overrides)
     if overrides:
         names = ", ".join(sorted(overrides))
         raise ReflowError(f"{names} only apply to diffusers teachers; drop them for {path}")
+    if is_flow_pipeline(path):
+        return FlowTeacher(path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle)
     if (path / "config.json").is_file():
         class_name = json.loads((path / "config.json").read_text()).get("_class_name")
         from .models import MODEL_CLASSES

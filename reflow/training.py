@@ -1,19 +1,24 @@
-"""One training loop for round 1 (independent coupling from data) and round k (teacher pairs).
+"""One training loop for round 1 (independent coupling from data), round k (teacher pairs) and k-step
+distillation.
 
 Plain torch on Accelerate (one CPU, many GPUs, many nodes): ``prepare`` once, ``accumulate``,
 ``backward``, ``save_state``/``load_state``. The batch of step s is a function of (seed, s) alone: every
 process draws the same global batch and keeps its own slice, so a resumed run and an N-process run
-see exactly the rows an uninterrupted one-process run sees.
+see exactly the rows an uninterrupted one-process run sees. The next batch is drawn on a background
+thread while the current step runs, and the loss stays on the device between log steps (no host sync
+per step); it is checked for NaN/inf at every log and checkpoint step, so every checkpoint is good.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,14 +28,16 @@ import torch
 from . import __version__
 from .data import load_source
 from .errors import ReflowError
-from .flow import LOSSES, flow_matching_loss
+from .flow import LOSSES, distillation_loss, flow_matching_loss
 from .io import atomic_dir, atomic_write_json, atomic_write_text
-from .models import MLPVelocity, load_model, model_card
-from .pairs import load_pairs
+from .models import build_model, init_model, model_card
+from .pairs import PairsReader
 from .runtime import use_cpu
+from .solvers import time_grid
 from .timesteps import TIME_SAMPLERS, sample_time
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("auto", "none", "tensorboard", "wandb", "all")
 
 
 @dataclass
@@ -40,7 +47,12 @@ class TrainConfig:
     out: str = ""
     data: str | None = None  # round 1: a data source, independent coupling z0 ~ N(0, I), z1 ~ data
     pairs: str | None = None  # round k: a pairs dataset from `reflow generate`
-    init: str | None = None  # a model folder to start from (default: a fresh MLP)
+    init: str | None = None  # a model folder or a diffusers DDPM checkpoint to start from (default: fresh)
+    model_config: str | None = None  # JSON config of a fresh model (UNet2DModel or MLPVelocity)
+    max_pairs: int | None = None  # train on the first N pairs only
+    distill_k: int | None = None  # k-step distillation: regress the k-step Euler output onto z1
+    log_with: str = "auto"  # Accelerate trackers: auto = tensorboard when installed
+    allow_pickle: bool = False
     max_steps: int = 5000
     batch_size: int = 512  # global batch per optimizer step, over all processes
     lr: float = 1e-3
@@ -120,6 +132,13 @@ def _check(config: TrainConfig) -> None:
         raise ReflowError(f"--loss must be one of {', '.join(LOSSES)}")
     if not 0 <= config.ema_decay < 1:
         raise ReflowError(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
+    if config.log_with not in TRACKERS:
+        raise ReflowError(f"--log-with must be one of {', '.join(TRACKERS)}")
+    if config.distill_k is not None:
+        if config.distill_k < 1:
+            raise ReflowError(f"--k must be at least 1, got {config.distill_k}")
+        if config.pairs is None or config.init is None:
+            raise ReflowError("distillation needs --pairs (the teacher's couplings) and --init (the reflow student)")
 
 
 def checkpoint_root(out: Path) -> Path:
@@ -139,12 +158,32 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed << 32) + step)
 
 
+def _trackers(log_with: str) -> list[str] | None:
+    import importlib.util
+
+    if log_with == "none":
+        return None
+    if log_with == "auto":
+        have = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+        return ["tensorboard"] if have else None
+    return [log_with]
+
+
+def _tracker_config(config: TrainConfig) -> dict[str, Any]:
+    """Hyperparameters as trackers take them (scalars and strings only)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(config).items()}
+
+
 def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
-    """Train a velocity model by conditional flow matching and write it (EMA weights) to ``config.out``."""
+    """Train a velocity model by conditional flow matching (or k-step distillation when
+    ``config.distill_k``) and write it (EMA weights) to ``config.out``: a diffusers pipeline folder for an
+    image UNet, a ``save_pretrained`` folder for an MLP."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
+
+    from .pipelines.export import save_student
 
     _check(config)
     out = Path(config.out)
@@ -154,34 +193,45 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     if ckpt is not None and not config.resume:
         raise ReflowError(f"{checkpoint_root(out)} holds checkpoints of an earlier run; pass --resume to continue it")
 
-    # Data: a source to draw z1 from (independent coupling), or stored pairs.
+    # Data: a source to draw z1 from (independent coupling), or stored pairs streamed from Arrow.
     source = pairs = None
     if config.data is not None:
         source = load_source(config.data)
-        sample_shape = source.sample_shape
+        sample_shape = tuple(source.sample_shape)
     else:
-        pairs = load_pairs(config.pairs)
+        pairs = PairsReader(config.pairs, max_rows=config.max_pairs)
         sample_shape = pairs.sample_shape
 
     set_seed(config.seed)  # before the model is built: a fresh model's init depends on it
     if config.init is not None:
-        model = load_model(config.init)
-        if tuple(model.sample_shape) != tuple(sample_shape):
+        model = init_model(config.init, allow_pickle=config.allow_pickle)
+        if tuple(model.sample_shape) != sample_shape:
             raise ReflowError(
                 f"--init model takes samples of shape {tuple(model.sample_shape)}, the data has {sample_shape}"
             )
     else:
-        model = MLPVelocity(
-            sample_shape=list(sample_shape),
+        model_config = None
+        if config.model_config is not None:
+            file = Path(config.model_config)
+            try:
+                model_config = json.loads(file.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ReflowError(f"--model-config {file}: cannot read a JSON config ({type(e).__name__})") from None
+        model = build_model(
+            sample_shape,
+            model_config,
             hidden_dim=config.hidden_dim,
             num_layers=config.num_layers,
             time_embed_dim=config.time_embed_dim,
         )
 
+    trackers = _trackers(config.log_with)
     accelerator = Accelerator(
         cpu=use_cpu(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=trackers,
+        project_dir=str(out.parent / f"{out.name}.logs"),
     )
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = config.gradient_accumulation_steps
@@ -204,8 +254,10 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     raw = accelerator.unwrap_model(model)
-    ema = EMAModel(raw.parameters(), decay=config.ema_decay)
+    ema = EMAModel(raw.parameters(), decay=config.ema_decay, foreach=True)
     accelerator.register_for_checkpointing(ema)
+    if trackers:
+        accelerator.init_trackers("reflow", config=_tracker_config(config))
 
     step = 0
     if ckpt is not None:
@@ -232,66 +284,104 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         accelerator.wait_for_everyone()
         return final
 
+    # Distillation runs the student's own k-step Euler grid (an exported student's scheduler grid).
+    grid = None
+    if config.distill_k is not None:
+        model_grid = getattr(raw, "euler_grid", None)
+        nodes, query = model_grid(config.distill_k) if model_grid else (time_grid(config.distill_k),) * 2
+        grid = (nodes.tolist(), query[: config.distill_k].tolist())
+
     device = accelerator.device
-    start_time, start_step = time.perf_counter(), step
-    loss_value = float("nan")
-    loss_sum, loss_count = 0.0, 0
-    while step < config.max_steps:
-        g = _step_generator(config.seed, step)
+    pin = device.type == "cuda"
+
+    def draw(at: int) -> tuple[torch.Tensor, ...]:
+        """This process's micro-batches of step ``at``: (z0, z1, t), each (micro, local, ...)."""
+        g = _step_generator(config.seed, at)
         if pairs is not None:
-            idx = torch.randint(0, len(pairs), (config.batch_size,), generator=g)
-            z0, z1 = pairs.z0[idx], pairs.z1[idx]
+            z0, z1, _ = pairs.batch(torch.randint(0, len(pairs), (config.batch_size,), generator=g))
         else:
             z1 = source.sample(config.batch_size, g)
             z0 = torch.randn(config.batch_size, *sample_shape, generator=g)
         t = sample_time(config.batch_size, config.time_sampler, generator=g)
-        for m in range(micro):
-            sl = slice((rank * micro + m) * local, (rank * micro + m + 1) * local)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = flow_matching_loss(
-                        model, z0[sl].to(device), z1[sl].to(device), t[sl].to(device), config.loss, config.huber_c
+        mine = slice(rank * micro * local, (rank + 1) * micro * local)
+        parts = [x[mine].reshape(micro, local, *x.shape[1:]) for x in (z0, z1, t)]
+        return tuple(x.pin_memory() if pin else x for x in parts)
+
+    def check(loss: torch.Tensor, at: int) -> float:
+        value = accelerator.reduce(loss, "mean").item()
+        if not math.isfinite(value):
+            last = latest_checkpoint(out)
+            kept = f"; the last good checkpoint is {last}" if last else ""
+            raise ReflowError(f"loss became {value} by step {at}{kept}; lower --lr or check the data")
+        return value
+
+    start_time, start_step = time.perf_counter(), step
+    loss_value = float("nan")
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
+        upcoming = prefetch.submit(draw, step) if step < config.max_steps else None
+        while step < config.max_steps:
+            z0s, z1s, ts = upcoming.result()
+            if step + 1 < config.max_steps:
+                upcoming = prefetch.submit(draw, step + 1)
+            for m in range(micro):
+                z0 = z0s[m].to(device, non_blocking=True)
+                z1 = z1s[m].to(device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        if grid is None:
+                            t = ts[m].to(device, non_blocking=True)
+                            loss = flow_matching_loss(model, z0, z1, t, config.loss, config.huber_c)
+                        else:
+                            loss = distillation_loss(model, z0, z1, *grid, config.loss, config.huber_c)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().float() / micro
+            ema.step(raw.parameters())
+            step += 1
+            loss_count += 1
+            at_checkpoint = step % config.checkpoint_every == 0 and step < config.max_steps
+            if step % config.log_every == 0 or step == config.max_steps or at_checkpoint:
+                loss_value = check(loss_sum / loss_count, step)
+                loss_sum.zero_()
+                loss_count = 0
+                sps = (step - start_step) * config.batch_size / max(time.perf_counter() - start_time, 1e-9)
+                if trackers:
+                    accelerator.log(
+                        {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "samples_per_second": sps}, step=step
                     )
-                if not torch.isfinite(loss):
-                    last = latest_checkpoint(out)
-                    kept = f"; the last good checkpoint is {last}" if last else ""
-                    raise ReflowError(f"loss became {loss.item()} at step {step}{kept}; lower --lr or check the data")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.item() / micro
-        ema.step(raw.parameters())
-        step += 1
-        loss_count += 1
-        if step % config.log_every == 0 or step == config.max_steps:
-            loss_value = accelerator.reduce(torch.tensor(loss_sum / loss_count, device=device), "mean").item()
-            loss_sum, loss_count = 0.0, 0
-            elapsed = time.perf_counter() - start_time
-            if progress and accelerator.is_local_main_process:
-                progress(
-                    step, config.max_steps, loss_value, (step - start_step) * config.batch_size / max(elapsed, 1e-9)
-                )
-        if step % config.checkpoint_every == 0 and step < config.max_steps:
-            save_checkpoint(step)
+                if progress and accelerator.is_local_main_process:
+                    progress(step, config.max_steps, loss_value, sps)
+            if at_checkpoint:
+                save_checkpoint(step)
 
     seconds = time.perf_counter() - start_time
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = copy.deepcopy(raw).float()
         ema.copy_to(final.parameters())
+        if config.distill_k is not None:
+            kind = f"{config.distill_k}-step distillation of {config.init} on {config.pairs}"
+        elif pairs is None:
+            kind = "1 (independent coupling)"
+        else:
+            kind = f"reflow on {config.pairs}"
         provenance = {
             "reflow_version": __version__,
-            "round": "1 (independent coupling)" if pairs is None else f"reflow on {config.pairs}",
+            "round": kind,
+            "init": config.init,
             "pairs_provenance": pairs.provenance if pairs is not None else None,
             "train_config": {k: v for k, v in asdict(config).items() if k != "extra"} | config.extra,
             "weights": "EMA",
         }
         with atomic_dir(out) as tmp:
-            final.save_pretrained(str(tmp), safe_serialization=True)
+            save_student(final, tmp)
             atomic_write_text(tmp / "README.md", model_card(f"reflow velocity model {out.name}", provenance))
         shutil.rmtree(checkpoint_root(out), ignore_errors=True)
     accelerator.wait_for_everyone()

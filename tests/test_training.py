@@ -157,3 +157,30 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_tensorboard_logs_and_max_pairs(tiny_flow, tmp_path):
+    pytest.importorskip("tensorboard")
+    pairs = generate_pairs(FlowTeacher(tiny_flow, nfe=2), tmp_path / "pairs", 64, batch_size=32)
+    out = tmp_path / "m"
+    train(TrainConfig(out=str(out), pairs=str(pairs), max_steps=4, max_pairs=8, log_with="tensorboard", **TINY))
+    events = list((tmp_path / "m.logs").rglob("events.out.tfevents*"))
+    assert events and events[0].stat().st_size > 0
+    card = (out / "README.md").read_text()
+    assert '"max_pairs": 8' in card
+
+
+def test_pairs_reader_gathers_exactly_the_stored_rows(tiny_flow, tmp_path):
+    import datasets
+
+    from reflow.pairs import PairsReader
+
+    pairs = generate_pairs(FlowTeacher(tiny_flow, nfe=2), tmp_path / "pairs", 100, batch_size=32, shard_size=32)
+    stored = datasets.load_from_disk(str(pairs)).with_format("numpy")
+    reader = PairsReader(pairs)
+    assert reader._views is not None and len(reader._views["z0"]) > 1  # several Arrow chunks, viewed in place
+    idx = torch.tensor([99, 0, 31, 32, 64, 5, 5])
+    z0, z1, label = reader.batch(idx)
+    np.testing.assert_array_equal(z0.numpy(), stored[idx.tolist()]["z0"])
+    np.testing.assert_array_equal(z1.numpy(), stored[idx.tolist()]["z1"])
+    assert label is None and len(PairsReader(pairs, max_rows=10)) == 10

@@ -1,0 +1,55 @@
+"""Export: a student folder that stock diffusers loads and samples with no code of ours.
+
+An image student (``reflow.models.UNetFlow``) is written as a ``DDPMPipeline`` folder: its ``unet/`` (a
+``UNet2DModel`` in the flow-matching convention, see ``reflow.flow``) and a ``scheduler/`` that is
+``DPMSolverMultistepScheduler`` of order 1 with flow sigmas. Why that scheduler:
+
+- DPM-Solver++ of order 1 is DDIM, and DDIM on the straight path x_t = (1 - t) z0 + t z1 is exactly an
+  Euler step: x_s = x_t + (s - t) v. With ``final_sigmas_type="zero"`` the last step lands on t = 1.
+- Its k-step grid is uniform: sigma_i = (1 - 1/T)(1 - i/k), i < k, then 0 (T = num_train_timesteps), so each
+  of the k calls moves the sample by the same amount. FlowMatchEulerDiscreteScheduler's default grid is
+  linspace(1, 1/T, k) then 0: for k = 2 it steps 1.0 -> 0.001 -> 0, spending a whole call on the last
+  thousandth; no setting of it makes the grid uniform for every k (its last nonzero sigma is a constant).
+- It accepts ``generator=``, which ``DDPMPipeline`` passes to ``step``.
+
+So ``DiffusionPipeline.from_pretrained(MODEL)`` then ``pipe(num_inference_steps=k)`` runs k Euler steps on
+that grid, and ``reflow sample --nfe k`` runs the same grid (``UNetFlow.euler_grid``): the same noise gives
+the same images. The UNet also works unchanged with ``FlowMatchEulerDiscreteScheduler`` (same convention).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def student_scheduler(num_train_timesteps: int = 1000) -> Any:
+    """The scheduler of an exported image student: k-step Euler on a uniform grid (see the module docstring)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=num_train_timesteps,
+        use_flow_sigmas=True,
+        flow_shift=1.0,
+        prediction_type="flow_prediction",
+        algorithm_type="dpmsolver++",
+        solver_order=1,
+        final_sigmas_type="zero",
+    )
+
+
+def save_student(model: nn.Module, folder: str | Path) -> None:
+    """Write a velocity model into ``folder`` (which must exist and be empty, e.g. an ``atomic_dir``):
+    a ``DDPMPipeline`` folder for an image ``UNetFlow``, a ``save_pretrained`` folder otherwise."""
+    from diffusers import DDPMPipeline
+
+    from reflow.models import UNetFlow
+
+    folder = str(folder)
+    if isinstance(model, UNetFlow):
+        pipe = DDPMPipeline(unet=model.unet, scheduler=student_scheduler(model.num_train_timesteps))
+        pipe.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
