@@ -50,6 +50,10 @@ def run_quickstart(
                 max_steps=steps,
                 batch_size=batch_size,
                 lr=1e-3,
+                # the settings README's quickstart figures were measured with, whatever the defaults
+                time_sampler="uniform",
+                loss="l2",
+                ema_decay=0.999,
                 checkpoint_every=max(1, steps // 4),
                 **kw,
             )
