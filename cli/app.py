@@ -453,41 +453,90 @@ def sample_cmd(
     console.print(f"wrote [bold]{out}[/bold]: {len(z0)} samples of shape {shape}, {sol.nfe} network calls")
 
 
-def metrics_table(rows: list[tuple[str, dict]], nfes: list[int]) -> Table:
-    table = Table(title="W2 to reference (lower is better) and straightness")
-    table.add_column("model")
-    for k in nfes:
-        table.add_column(f"W2 @ {k}", justify="right")
-    table.add_column("W2 adaptive (NFE)", justify="right")
-    table.add_column("straightness", justify="right")
-    for name, m in rows:
-        cells = [f"{m['nfe'][str(k)]['w2']:.4f}" for k in nfes]
-        ad = m.get("adaptive")
-        cells.append(f"{ad['w2']:.4f} ({ad['nfe']})" if ad else "-")
-        cells.append(f"{m['straightness']:.3g}")
-        table.add_row(name, *cells)
-    return table
+def report_tables(metrics: dict) -> list[Table]:
+    """Rich tables of an evaluation: one per quality metric, then the flow diagnostics."""
+    from reflow.report import LABELS, flow_table, metric_keys, metric_table
+
+    tables = []
+    for title, (header, rows) in [
+        *((LABELS[k] + " (lower is better)", metric_table(metrics, k)) for k in metric_keys(metrics)),
+        ("Flow: straightness, curvature (0 = straight)", flow_table(metrics)),
+    ]:
+        table = Table(title=title)
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for r in rows:
+            table.add_row(*r)
+        tables.append(table)
+    return tables
+
+
+def _print_report(report: Path) -> None:
+    """Print the tables, notes and picture paths of REPORT/metrics.json."""
+    import json
+
+    metrics = json.loads((report / "metrics.json").read_text())
+    for table in report_tables(metrics):
+        console.print(table)
+    for note in metrics.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"wrote [bold]{report / 'metrics.json'}[/bold], [bold]{report / 'report.md'}[/bold]")
+    for f in metrics.get("figures", []):
+        console.print(f"  picture: {report / f}")
 
 
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: Annotated[Path, typer.Option(help="Model folder.")],
+    model: Annotated[
+        list[Path], typer.Option(help="Model folder (ours, or a diffusers DDPM checkpoint); repeat to compare.")
+    ],
     reference: Annotated[str, typer.Option(help="Reference data: a SOURCE or a pairs folder (its z1).")],
-    out: Annotated[Path, typer.Option(help="Report folder (REPORT/metrics.json).")],
+    out: Annotated[Path, typer.Option(help="Report folder: metrics.json, report.md, PNG figures.")],
     nfe: Annotated[str, typer.Option(help="Comma-separated network-call counts.")] = "1,2,4",
-    num_samples: Annotated[int, typer.Option(help="Samples per metric.")] = 4000,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 1,
-    adaptive: Annotated[bool, typer.Option(help="Also solve adaptively (dopri5) as the reference solve.")] = True,
+    heldout: Annotated[
+        Path | None,
+        typer.Option(help="Held-out pairs for fidelity to the teacher (default: --reference if it is pairs)."),
+    ] = None,
+    num_samples: Annotated[int, typer.Option(help="Samples per model, NFE and seed.")] = 4000,
+    seeds: Annotated[str, typer.Option(help="Noise seeds; figures are the mean and spread over them.")] = "1,2,3",
+    num_fidelity: Annotated[int, typer.Option(help="Held-out pairs used for fidelity.")] = 1024,
+    teacher_nfe: Annotated[
+        int, typer.Option(help="Steps of a diffusers checkpoint's reference solve (its own solver).")
+    ] = 50,
+    adaptive: Annotated[
+        bool | None,
+        typer.Option(help="Also score flows solved adaptively (dopri5; default: for 2-D/vectors, not images)."),
+    ] = None,
+    inception_weights: Annotated[
+        Path | None, typer.Option(help="Inception-v3 weights (pt_inception-2015-12-05) for FID/KID of images.")
+    ] = None,
+    figures: Annotated[bool, typer.Option(help="Write PNG figures.")] = True,
 ) -> None:
-    """Few-step quality (exact W2 at each NFE and adaptive) and straightness of a flow."""
-    from reflow.evaluation import evaluate, write_report
+    """Few-step quality (W2; FD/KID in a feature space), fidelity to the teacher and straightness, as one
+    report comparing every --model from the same noise."""
+    from reflow.evaluation import EvalSettings, evaluate
+    from reflow.report import write_report
 
-    nfes = _parse_nfes(nfe)
-    metrics = evaluate(model, reference, nfes, num_samples=num_samples, seed=seed, adaptive=adaptive, device=_device())
-    path = write_report(out, metrics)
-    console.print(metrics_table([(model.name, metrics)], nfes))
-    console.print(f"wrote [bold]{path}[/bold]")
+    settings = EvalSettings(
+        nfes=_parse_nfes(nfe),
+        reference=reference,
+        heldout=None if heldout is None else str(heldout),
+        num_samples=num_samples,
+        seeds=_parse_ints(seeds, "--seeds"),
+        adaptive=adaptive,
+        teacher_nfe=teacher_nfe,
+        num_fidelity=num_fidelity,
+        inception_weights=None if inception_weights is None else str(inception_weights),
+    )
+    if inception_weights is not None and not inception_weights.is_file():
+        raise ReflowError(f"no such file: {inception_weights} (--inception-weights takes the Inception weights file)")
+    with _Bar("eval") as bar:
+        result = evaluate(
+            model, settings, device=_device(), progress=lambda name, d, t: bar.update(d, t, description=name)
+        )
+    write_report(out, result, figures=figures)
+    _print_report(out)
 
 
 @app.command("quickstart")
@@ -499,16 +548,16 @@ def quickstart_cmd(
     eval_samples: Annotated[int, typer.Option(help="Samples per W2 figure.")] = 4000,
 ) -> None:
     """The embedded default: checkerboard 1-RF -> pairs -> 2-RF -> eval, minutes on a laptop CPU."""
-    from reflow.quickstart import QUICKSTART_NFES, run_quickstart
+    from reflow.quickstart import run_quickstart
 
     with _Bar("quickstart") as bar:
 
         def on_stage(name: str, done: int, total: int, info: str = "") -> None:
             bar.update(done, total, info, description=name)
 
-        results = run_quickstart(out, steps=steps, num_pairs=num_pairs, num_eval=eval_samples, progress=on_stage)
-    console.print(metrics_table(list(results.items()), QUICKSTART_NFES))
-    console.print(f"models, pairs and reports are in [bold]{out}[/bold]")
+        run_quickstart(out, steps=steps, num_pairs=num_pairs, num_eval=eval_samples, progress=on_stage)
+    _print_report(out / "report")
+    console.print(f"models, pairs and the report are in [bold]{out}[/bold]")
 
 
 def version_callback(value: bool) -> None:

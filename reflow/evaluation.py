@@ -1,81 +1,413 @@
-"""Few-step quality of a flow model against reference data, and the straightness of its flow."""
+"""Evaluation: few-step quality against data, fidelity to the teacher and the geometry of the flow, for one
+model or a comparison of several (teacher, 1-RF, 2-RF, distilled) from the same noise.
+
+For each model and each NFE k in ``nfes``:
+
+- **quality** against the reference data, from noise ``row_noise(seed, 0..n-1)`` for every seed in
+  ``seeds`` (mean and spread over seeds): exact W2 (POT) where the n x m cost matrix fits; for images a
+  Fréchet distance and a KID-style kernel distance in a feature space: the bundled digits network for
+  (1, 8, 8) samples, Inception-v3 when ``inception_weights`` is given;
+- **fidelity** to the teacher: on held-out pairs, the model's k-step output from the pair's z0 against the
+  teacher's z1 (MSE per element; images clamped to [-1, 1]);
+
+and once per model the reference solve on the first seed's noise (the DDPM's own solver at ``teacher_nfe``
+steps for a diffusers checkpoint; adaptive dopri5 for a flow, by default for vectors only, since it costs
+~100 calls per sample) and, for flows, on ``diagnostics_samples`` noise draws: the straightness S and
+curvature K along a ``straightness_steps``-step Euler solve (see ``reflow.solvers``) and the calls the
+adaptive solver needs.
+
+Flows sample with Euler on their own grid (an exported student's scheduler grid); a diffusers DDPM
+checkpoint samples with DDIM (eta = 0) at k steps, so the teacher's row shows what its own solver does
+with the same budget.
+"""
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
 from .data import load_source
 from .errors import ReflowError
-from .io import atomic_write_json
-from .metrics import w2
-from .models import load_model
+from .models import is_flow_pipeline, load_model
 from .noise import row_noise
-from .sampling import sample
+from .sampling import is_image, sample
+from .solvers import solve
 
 STRAIGHTNESS_STEPS = 100
+GRID_COLUMNS = 16  # samples per row of a picture grid
+SCATTER_POINTS = 2000
+TRAJECTORIES = 200
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class EvalSettings:
+    """What ``evaluate`` measures, and on how many samples."""
+
+    nfes: list[int]
+    reference: str  # a SOURCE (built-in name, .npy, save_to_disk folder) or a pairs folder (its z1)
+    heldout: str | None = None  # pairs for fidelity (default: ``reference`` when it is a pairs folder)
+    num_samples: int = 4000
+    seeds: list[int] = field(default_factory=lambda: [1])
+    adaptive: bool | None = None  # quality of flows solved adaptively (dopri5); None: for vectors, not images
+    adaptive_tol: float = 1e-4  # rtol = atol of every adaptive solve
+    teacher_nfe: int = 50  # the reference solve of a diffusers checkpoint
+    teacher_solver: str = "ddim"
+    num_fidelity: int = 1024
+    diagnostics_samples: int = 512
+    straightness_steps: int = STRAIGHTNESS_STEPS
+    inception_weights: str | None = None
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    w2_max_cells: int = 25_000_000  # exact W2 when num_samples x reference rows is at most this
+    batch_size: int = 1024
+
+    def check(self) -> None:
+        if not self.nfes or any(k < 1 for k in self.nfes):
+            raise ReflowError(f"--nfe needs positive step counts like 1,2,4; got {self.nfes}")
+        if self.num_samples < 2:
+            raise ReflowError(f"--num-samples must be at least 2, got {self.num_samples}")
+        if not self.seeds:
+            raise ReflowError("--seeds needs at least one seed, like 1,2,3")
+        if self.num_fidelity < 1 or self.diagnostics_samples < 1:
+            raise ReflowError("--num-fidelity and the diagnostics sample count must be at least 1")
+        if self.teacher_nfe < 1:
+            raise ReflowError(f"--teacher-nfe must be at least 1, got {self.teacher_nfe}")
+
+
+@dataclass
+class Evaluation:
+    """``metrics`` (JSON-ready: settings, notes and one entry per model) and ``pictures`` (arrays for the
+    figures: per model the grid rows or scatter points and trajectories)."""
+
+    metrics: dict[str, Any]
+    pictures: dict[str, Any]
+
+
+class _Model:
+    """One model under evaluation: a flow of ours, or a diffusers DDPM checkpoint sampled with its solver."""
+
+    def __init__(self, path: Path, settings: EvalSettings, device: torch.device | str):
+        self.path = path
+        self.settings = settings
+        self.device = device
+        if not path.exists():
+            raise ReflowError(f"no such model: {path} (pass a `reflow train` folder or a diffusers pipeline folder)")
+        if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
+            from .diffusers_teacher import DiffusersTeacher
+
+            self.kind = "diffusers"
+            self.teacher = DiffusersTeacher(
+                path, nfe=settings.teacher_nfe, solver=settings.teacher_solver, device=device
+            )
+            if self.teacher.num_classes is not None:
+                raise ReflowError(f"{path} is class-conditional; evaluate unconditional checkpoints only")
+            self.sample_shape = tuple(self.teacher.sample_shape)
+            self.solver = f"{settings.teacher_solver} (the checkpoint's scheduler)"
+        else:
+            self.kind = "flow"
+            self.model = load_model(path).to(device).eval()
+            self.sample_shape = tuple(self.model.sample_shape)
+            grid = "its scheduler's grid" if hasattr(self.model, "euler_grid") else "uniform grid"
+            self.solver = f"euler ({grid})"
+
+    def sample(self, z0: torch.Tensor, k: int) -> torch.Tensor:
+        """z1 from z0 in k network calls (k-step Euler for a flow, k-step DDPM solver for a checkpoint)."""
+        if self.kind == "flow":
+            return sample(self.model, z0, k, "euler", batch_size=self.settings.batch_size, device=self.device).z1
+        self.teacher.nfe = k  # the teacher resets its scheduler to self.nfe steps on every call
+        outs = [
+            self.teacher(z0[b : b + self.settings.batch_size]).float().cpu()
+            for b in range(0, len(z0), self.settings.batch_size)
+        ]
+        z1 = torch.cat(outs)
+        return z1.clamp(-1, 1) if is_image(self.sample_shape) else z1
+
+    def _adaptive(self, z0: torch.Tensor):
+        tol = self.settings.adaptive_tol
+        outs, nfe = [], 0
+        for b in range(0, len(z0), self.settings.batch_size):
+            sol = solve(
+                self.model, z0[b : b + self.settings.batch_size].to(self.device), 0, "adaptive", rtol=tol, atol=tol
+            )
+            outs.append(sol.z1.float().cpu())
+            nfe = max(nfe, sol.nfe)
+        z1 = torch.cat(outs)
+        return (z1.clamp(-1, 1) if is_image(self.sample_shape) else z1), nfe
+
+    def reference_solve(self, z0: torch.Tensor) -> tuple[torch.Tensor, int, str] | None:
+        if self.kind == "diffusers":
+            return self.sample(z0, self.settings.teacher_nfe), self.settings.teacher_nfe, self.settings.teacher_solver
+        adaptive = self.settings.adaptive
+        if adaptive is False or (adaptive is None and is_image(self.sample_shape)):
+            return None
+        z1, nfe = self._adaptive(z0)
+        return z1, nfe, "adaptive"
+
+    def diagnostics(self, z0: torch.Tensor) -> dict[str, Any] | None:
+        if self.kind != "flow":
+            return None
+        steps = self.settings.straightness_steps
+        sol = sample(
+            self.model, z0, steps, "euler", batch_size=self.settings.batch_size, device=self.device,
+            measure_straightness=True,
+        )  # fmt: skip
+        _, nfe = self._adaptive(z0)
+        return {
+            "straightness": sol.straightness,
+            "curvature": sol.curvature,
+            "adaptive_nfe": nfe,
+            "steps": steps,
+            "samples": len(z0),
+        }
+
+    @torch.inference_mode()
+    def trajectories(self, z0: torch.Tensor, steps: int = 50) -> np.ndarray | None:
+        """(steps + 1, n, 2) paths of a 2-D flow, for the trajectory plot."""
+        if self.kind != "flow":
+            return None
+        sol = solve(self.model, z0.to(self.device), steps, "euler", return_trajectory=True)
+        return torch.stack([x.float().cpu() for x in sol.trajectory]).numpy()
+
+
+def _feature_spaces(shape: tuple[int, ...], settings: EvalSettings, notes: list[str]) -> dict[str, Callable]:
+    """Feature extractors for the Fréchet and kernel distances of images: name -> f(images) -> (N, D)."""
+    spaces: dict[str, Callable] = {}
+    if not is_image(shape):
+        return spaces
+    if shape == (1, 8, 8):
+        spaces["digits"] = digits_feature_extractor()
+    if settings.inception_weights is not None:
+        from .metrics import inception_features
+
+        weights = settings.inception_weights
+        spaces["inception"] = lambda x: inception_features(x, weights)
+    else:
+        notes.append("Inception FID/KID skipped: it needs --inception-weights PATH (nothing can be downloaded here)")
+    return spaces
+
+
+def digits_feature_extractor() -> Callable[[torch.Tensor], np.ndarray]:
+    """f(images (N, 1, 8, 8) in [-1, 1]) -> (N, 64) features of the bundled digits network, scaled by one
+    constant so that the 1797 real digits have unit variance per dimension on average (FD and KID then
+    read in units of the real digits' spread rather than of the network's arbitrary activation scale)."""
+    from .data import load_digits_array
+    from .features import bundled_digits_net, extract_features
+
+    net = bundled_digits_net()
+    real = extract_features(net, load_digits_array())
+    scale = 1.0 / float(np.sqrt(real.var(axis=0, ddof=1).mean()))
+    return lambda x: extract_features(net, x) * scale
+
+
+def _quality(
+    x: torch.Tensor,
+    ref: torch.Tensor,
+    ref_features: dict[str, np.ndarray],
+    spaces: dict[str, Callable],
+    settings: EvalSettings,
+    seed: int,
+) -> dict[str, float]:
+    from .metrics import frechet_distance, kernel_distance, w2
+
+    out: dict[str, float] = {}
+    if len(x) * len(ref) <= settings.w2_max_cells:
+        out["w2"] = w2(x, ref)
+    for name, extract in spaces.items():
+        f = extract(x)
+        out[f"fd_{name}"] = frechet_distance(f, ref_features[name])
+        out[f"kid_{name}"] = kernel_distance(
+            f, ref_features[name], subsets=settings.kid_subsets, subset_size=settings.kid_subset_size, seed=seed
+        )[0]
+    return out
+
+
+def _over_seeds(per_seed: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean, spread (sample standard deviation; 0 for one seed) and the values of each metric."""
+    out: dict[str, Any] = {}
+    for key in per_seed[0]:
+        values = [d[key] for d in per_seed]
+        out[key] = float(np.mean(values))
+        out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        out[f"{key}_seeds"] = values
+    return out
+
+
+def _fidelity_pairs(settings: EvalSettings, shape: tuple[int, ...]) -> tuple[str, torch.Tensor, torch.Tensor, dict]:
+    from .pairs import PairsReader
+
+    reader = PairsReader(settings.heldout, max_rows=settings.num_fidelity)
+    if reader.has_label:
+        raise ReflowError(f"{settings.heldout} holds class-conditional pairs; pass unconditional held-out pairs")
+    if tuple(reader.sample_shape) != shape:
+        raise ReflowError(
+            f"held-out pairs {settings.heldout} hold samples of shape {tuple(reader.sample_shape)}, "
+            f"the models make {shape}"
+        )
+    z0, z1, _ = reader.batch(torch.arange(len(reader)))
+    if is_image(shape):
+        z1 = z1.clamp(-1, 1)
+    return settings.heldout, z0, z1, reader.provenance
+
+
+def _is_pairs(path: str) -> bool:
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    from .pairs import _open_pairs_dataset
+
+    try:
+        _open_pairs_dataset(p)
+    except ReflowError:
+        return False
+    return True
+
+
+def model_names(paths: list[Path]) -> list[str]:
+    """Short unique names for the report: the folder name, with parents added where two collide."""
+    depth = 1
+    while True:
+        names = ["/".join(p.resolve().parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names) or depth > 8:
+            return names
+        depth += 1
 
 
 def evaluate(
-    model_path: str | Path,
-    reference: str,
-    nfes: list[int],
+    models: list[str | Path] | str | Path,
+    settings: EvalSettings,
     *,
-    num_samples: int = 4000,
-    seed: int = 1,
-    adaptive: bool = True,
     device: torch.device | str = "cpu",
-    batch_size: int = 4096,
-) -> dict[str, Any]:
-    """Metrics of one model: W2 to ``num_samples`` reference samples at each NFE (Euler, uniform grid)
-    and with the adaptive solver, and the straightness S measured along a 100-step Euler solve.
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Evaluate every model on the same noise, reference and held-out pairs (see the module docstring)."""
+    settings.check()
+    paths = [Path(m) for m in ([models] if isinstance(models, (str, Path)) else models)]
+    if not paths:
+        raise ReflowError("pass at least one --model")
+    if settings.heldout is None and _is_pairs(settings.reference):
+        settings.heldout = settings.reference
+    notes: list[str] = []
+    names = model_names(paths)
 
-    The noise is row_noise(seed, 0..n-1); toy references are fresh draws held out from training.
-    """
-    if not nfes or any(k < 1 for k in nfes):
-        raise ReflowError(f"--nfe needs positive step counts like 1,2,4; got {nfes}")
-    if num_samples < 2:
-        raise ReflowError(f"--num-samples must be at least 2, got {num_samples}")
-    model = load_model(model_path).to(device).eval()
-    source = load_source(reference)
-    shape = tuple(model.sample_shape)
-    if tuple(source.sample_shape) != shape:
-        raise ReflowError(
-            f"the model makes samples of shape {shape} but {reference} holds {tuple(source.sample_shape)}"
+    def report(stage: str, done: int, total: int) -> None:
+        if progress:
+            progress(stage, done, total)
+
+    source = load_source(settings.reference)
+    shape = tuple(source.sample_shape)
+    ref = source.reference(settings.num_samples).float()
+    spaces = _feature_spaces(shape, settings, notes)
+    ref_features = {name: extract(ref) for name, extract in spaces.items()}
+    if len(ref) * settings.num_samples > settings.w2_max_cells:
+        notes.append(
+            f"exact W2 skipped: {settings.num_samples} x {len(ref)} samples exceed the {settings.w2_max_cells:,}-cell "
+            "cost matrix limit; lower --num-samples for it"
         )
-    ref = source.reference(num_samples)
-    z0 = row_noise(seed, range(num_samples), shape)
-    result: dict[str, Any] = {
-        "model": str(model_path),
-        "reference": reference,
-        "num_samples": num_samples,
-        "num_reference": len(ref),
-        "seed": seed,
-        "solver": "euler",
+    fidelity = None
+    if settings.heldout is not None:
+        fidelity = _fidelity_pairs(settings, shape)
+    else:
+        notes.append("fidelity to the teacher skipped: pass held-out pairs with --heldout PAIRS")
+
+    noise = {s: row_noise(s, range(settings.num_samples), shape) for s in settings.seeds}
+    diag_z0 = noise[settings.seeds[0]][: settings.diagnostics_samples]
+    grid_z0 = fidelity[1][:GRID_COLUMNS] if fidelity is not None else noise[settings.seeds[0]][:GRID_COLUMNS]
+    results, pictures = [], {"sample_shape": list(shape), "models": {}}
+    if is_image(shape):
+        pictures["teacher_row"] = fidelity[2][:GRID_COLUMNS].numpy() if fidelity is not None else None
+    else:
+        pictures["reference"] = ref[:SCATTER_POINTS].numpy()
+
+    total = len(paths) * (len(settings.nfes) + 2)
+    done = 0
+    for name, path in zip(names, paths, strict=True):
+        model = _Model(path, settings, device)
+        if model.sample_shape != shape:
+            raise ReflowError(
+                f"{path} makes samples of shape {model.sample_shape} but {settings.reference} holds {shape}"
+            )
+        entry: dict[str, Any] = {"name": name, "model": str(path), "kind": model.kind, "solver": model.solver}
+        entry["nfe"] = {}
+        pics: dict[str, Any] = {"rows": {}, "scatter": {}}
+        for k in settings.nfes:
+            t0 = time.perf_counter()
+            per_seed = []
+            for s in settings.seeds:
+                x = model.sample(noise[s], k)
+                per_seed.append(_quality(x, ref, ref_features, spaces, settings, s))
+                if s == settings.seeds[0] and not is_image(shape):
+                    pics["scatter"][str(k)] = x[:SCATTER_POINTS].numpy()
+            cell = _over_seeds(per_seed)
+            if fidelity is not None:
+                cell["mse_teacher"] = float(((model.sample(fidelity[1], k) - fidelity[2]) ** 2).mean())
+            cell["seconds"] = time.perf_counter() - t0
+            entry["nfe"][str(k)] = cell
+            if is_image(shape):
+                pics["rows"][str(k)] = model.sample(grid_z0, k).numpy()
+            done += 1
+            report(f"eval {name}", done, total)
+        seed = settings.seeds[0]
+        solved = model.reference_solve(noise[seed])
+        if solved is not None:
+            quality = _quality(solved[0], ref, ref_features, spaces, settings, seed)
+            cell = {"solver": solved[2], "nfe": solved[1], "seed": seed, **quality}
+            if fidelity is not None:
+                z1 = model.reference_solve(fidelity[1])[0]
+                cell["mse_teacher"] = float(((z1 - fidelity[2]) ** 2).mean())
+            entry["reference_solve"] = cell
+        done += 1
+        report(f"eval {name}", done, total)
+        diag = model.diagnostics(diag_z0)
+        if diag is not None:
+            entry.update(
+                straightness=diag["straightness"],
+                curvature=diag["curvature"],
+                adaptive_nfe=diag["adaptive_nfe"],
+                adaptive_tol=settings.adaptive_tol,
+                straightness_steps=diag["steps"],
+                straightness_samples=diag["samples"],
+            )
+            if not is_image(shape) and shape == (2,):
+                pics["trajectories"] = model.trajectories(diag_z0[:TRAJECTORIES])
+        done += 1
+        report(f"eval {name}", done, total)
+        results.append(entry)
+        pictures["models"][name] = pics
+
+    settings_out = asdict(settings)
+    settings_out.pop("inception_weights")
+    metrics = {
         "reflow_version": __version__,
-        "nfe": {},
+        "settings": settings_out,
+        "inception_weights": settings.inception_weights,
+        "sample_shape": list(shape),
+        "num_reference": len(ref),
+        "feature_spaces": {
+            name: (
+                "reflow's bundled digits CNN (64-d penultimate layer, scaled to unit mean variance on the real digits)"
+                if name == "digits"
+                else "Inception-v3 pool3 (2048-d)"
+            )
+            for name in spaces
+        },
+        "fidelity": None
+        if fidelity is None
+        else {"pairs": fidelity[0], "rows": len(fidelity[1]), "teacher": fidelity[3].get("teacher")},
+        "notes": notes,
+        "models": results,
     }
-    for k in nfes:
-        t0 = time.perf_counter()
-        sol = sample(model, z0, k, "euler", batch_size=batch_size, device=device)
-        result["nfe"][str(k)] = {"w2": w2(sol.z1, ref), "seconds": time.perf_counter() - t0}
-    if adaptive:
-        sol = sample(model, z0, 0, "adaptive", batch_size=batch_size, device=device)
-        result["adaptive"] = {"w2": w2(sol.z1, ref), "nfe": sol.nfe}
-    sol = sample(
-        model, z0, STRAIGHTNESS_STEPS, "euler", batch_size=batch_size, device=device, measure_straightness=True
-    )
-    result["straightness"] = sol.straightness
-    result["straightness_steps"] = STRAIGHTNESS_STEPS
-    return result
+    return Evaluation(metrics=metrics, pictures=pictures)
 
 
-def write_report(report: str | Path, metrics: dict[str, Any]) -> Path:
-    out = Path(report)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", metrics)
-    return out / "metrics.json"
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"

@@ -24,8 +24,8 @@ def sample(
     measure_straightness: bool = False,
 ) -> ODESolution:
     """Solve from z0 in batches; images (C, H, W) are clamped to [-1, 1]. Returns z1 on the CPU, the
-    largest NFE of any batch and the batch-weighted straightness when asked."""
-    outs, nfe_used, s_total = [], 0, 0.0
+    largest NFE of any batch and the batch-weighted straightness and curvature when asked."""
+    outs, nfe_used, s_total, k_total = [], 0, 0.0, 0.0
     for b in range(0, len(z0), batch_size):
         chunk = z0[b : b + batch_size].to(device)
         sol = solve(velocity, chunk, nfe, solver, measure_straightness=measure_straightness)
@@ -33,7 +33,10 @@ def sample(
         nfe_used = max(nfe_used, sol.nfe)
         if sol.straightness is not None:
             s_total += sol.straightness * len(chunk)
+            k_total += sol.curvature * len(chunk)
     z1 = torch.cat(outs)
     if is_image(tuple(z0.shape[1:])):
         z1 = z1.clamp(-1, 1)
-    return ODESolution(z1=z1, nfe=nfe_used, straightness=s_total / len(z0) if measure_straightness else None)
+    if not measure_straightness:
+        return ODESolution(z1=z1, nfe=nfe_used)
+    return ODESolution(z1=z1, nfe=nfe_used, straightness=s_total / len(z0), curvature=k_total / len(z0))

@@ -10,6 +10,11 @@ the straightness of their own trajectory (Liu et al. 2023):
          ~ sum_i (t_{i+1} - t_i) E || (Z_1 - Z_0) - v_i ||^2
 
 where v_i is the slope the solver used on step i and ||.||^2 sums over every dimension of a sample.
+With it they report the curvature, the total turning of the velocity along a path:
+
+    K(Z) = E int_0^1 || d/dt dZ_t/dt || dt ~ E sum_i || v_{i+1} - v_i ||
+
+(0 for a straight path at constant speed; theta^2 r for an arc of angle theta on a circle of radius r).
 The adaptive solver (torchdiffeq's dopri5) is for reference runs; it counts its network calls.
 """
 
@@ -33,6 +38,7 @@ class ODESolution:
     z1: torch.Tensor
     nfe: int
     straightness: float | None = None
+    curvature: float | None = None
     trajectory: list[torch.Tensor] | None = None
 
 
@@ -71,7 +77,8 @@ def solve_fixed(
     measure_straightness: bool = False,
     return_trajectory: bool = False,
 ) -> ODESolution:
-    """Integrate from z0 over ``grid`` (t_0 ... t_N = 1) with Euler or Heun.
+    """Integrate from z0 over ``grid`` (t_0 ... t_N = 1) with Euler or Heun; ``measure_straightness`` also
+    measures the curvature K, ``return_trajectory`` keeps every node of the path.
 
     Heun (Karras et al. 2022, Alg. 1) averages the slopes at both ends of a step and takes a plain
     Euler step on the last interval, so N intervals cost 2N - 1 calls. ``query`` (Euler only): the time
@@ -101,11 +108,13 @@ def solve_fixed(
             slopes.append(d)
         if path is not None:
             path.append(x)
-    s = None
+    s = k = None
     if measure_straightness:
         chord = (x - z0).float()
         s = sum((ts[i + 1] - ts[i]) * per_sample_sq_norm(chord - d.float()).mean().item() for i, d in enumerate(slopes))
-    return ODESolution(z1=x, nfe=nfe, straightness=s, trajectory=path)
+        turns = zip(slopes[:-1], slopes[1:], strict=True)
+        k = sum(per_sample_sq_norm((b - a).float()).sqrt().mean().item() for a, b in turns)
+    return ODESolution(z1=x, nfe=nfe, straightness=s, curvature=k, trajectory=path)
 
 
 def solve(
@@ -116,6 +125,7 @@ def solve(
     *,
     grid: str = "uniform",
     measure_straightness: bool = False,
+    return_trajectory: bool = False,
     rtol: float = 1e-5,
     atol: float = 1e-5,
 ) -> ODESolution:
@@ -131,8 +141,23 @@ def solve(
     model_grid = getattr(velocity, "euler_grid", None)
     if method == "euler" and grid == "uniform" and model_grid is not None:
         nodes, query = model_grid(steps)
-        return solve_fixed(velocity, z0, nodes, method, query=query, measure_straightness=measure_straightness)
-    return solve_fixed(velocity, z0, time_grid(steps, grid), method, measure_straightness=measure_straightness)
+        return solve_fixed(
+            velocity,
+            z0,
+            nodes,
+            method,
+            query=query,
+            measure_straightness=measure_straightness,
+            return_trajectory=return_trajectory,
+        )
+    return solve_fixed(
+        velocity,
+        z0,
+        time_grid(steps, grid),
+        method,
+        measure_straightness=measure_straightness,
+        return_trajectory=return_trajectory,
+    )
 
 
 @torch.no_grad()
