@@ -142,7 +142,10 @@ TimeSampler = Annotated[
     str | None,
     typer.Option(help="Training-time distribution: uniform, logit_normal, u_shaped.", rich_help_panel="Method"),
 ]
-Loss = Annotated[str | None, typer.Option(help="l2 or pseudo_huber.", rich_help_panel="Method")]
+Loss = Annotated[
+    str | None,
+    typer.Option(help="auto (l2 from --data, pseudo_huber on pairs), l2 or pseudo_huber.", rich_help_panel="Method"),
+]
 EmaDecay = Annotated[float | None, typer.Option(help="EMA decay of the saved weights.", rich_help_panel="Method")]
 MaxPairs = Annotated[
     int | None, typer.Option(help="Train on the first N pairs only (default: all).", rich_help_panel="Method")

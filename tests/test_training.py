@@ -31,6 +31,7 @@ def test_round1_learns_and_writes_a_model_folder(tmp_path):
     assert losses[-1] < 0.8 * losses[0]
     card = (tmp_path / "m" / "README.md").read_text()
     assert "8gaussians" in card and "EMA" in card
+    assert '"loss": "l2"' in card  # auto: from data, the mean velocity is the flow's, so L2
     assert not checkpoint_root(tmp_path / "m").exists()
     with pytest.raises(ReflowError, match="already exists"):
         train(TrainConfig(out=str(tmp_path / "m"), data="moons", max_steps=1, **TINY))
@@ -52,6 +53,9 @@ def test_reflow_round_from_pairs_with_init(tiny_flow, tmp_path):
     assert result.steps == 5
     card = (tmp_path / "2rf" / "README.md").read_text()
     assert '"nfe": 4' in card and "u_shaped" in card
+    # auto on pairs: one target per z0, so the robust loss (chosen by the digits study)
+    train(TrainConfig(out=str(tmp_path / "auto"), pairs=str(pairs), max_steps=2, **TINY))
+    assert '"loss": "pseudo_huber"' in (tmp_path / "auto" / "README.md").read_text()
 
 
 RUN = textwrap.dedent(
