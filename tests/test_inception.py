@@ -2,28 +2,15 @@
 (torch-fidelity, torchmetrics) and run on a randomly initialised Inception saved to a file, as nothing can be
 downloaded here."""
 
-import importlib
-import importlib.util
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import import_or_skip
 
 from reflow.errors import ReflowError
 from reflow.metrics import images_to_uint8, inception_features
-
-
-def _import_or_skip(name: str):
-    # Not pytest.importorskip: a torchvision wheel built for another torch (CUDA wheel with a +cpu torch) breaks
-    # the import of torch_fidelity with a RuntimeError ("operator torchvision::nms does not exist"), not an ImportError.
-    # torch_fidelity imports torchvision in its __init__; when that fails, the submodules imported before stay in
-    # sys.modules and a second import "succeeds", so torchvision goes first to make the skip independent of test order.
-    names = ("torchvision", name) if importlib.util.find_spec("torch_fidelity") else (name,)
-    try:
-        return [importlib.import_module(n) for n in names][-1]
-    except (ImportError, RuntimeError, OSError) as e:
-        pytest.skip(f"{name} unavailable: {type(e).__name__}: {e}")
 
 
 class _Payload:
@@ -81,7 +68,7 @@ def random_inception_weights(tmp_path_factory):
     The constructor always loads weights (downloading them when given no path), so it is built with both the
     download and load_state_dict stubbed out; the random init is variance-preserving so the 2048 pool features of
     the 40-odd layers stay O(1) instead of vanishing."""
-    tfi = _import_or_skip("torch_fidelity.feature_extractor_inceptionv3")
+    tfi = import_or_skip("torch_fidelity.feature_extractor_inceptionv3")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
         mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
@@ -100,7 +87,7 @@ def random_inception_weights(tmp_path_factory):
 
 @pytest.mark.parametrize("shape", [(4, 1, 8, 8), (4, 3, 16, 16)])
 def test_features_match_torchmetrics_fid_feature_path(random_inception_weights, shape):
-    fid_module = _import_or_skip("torchmetrics.image.fid")
+    fid_module = import_or_skip("torchmetrics.image.fid")
     images = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
     feats = inception_features(images, random_inception_weights)
     assert feats.shape == (4, 2048) and feats.dtype == np.float64
@@ -119,7 +106,7 @@ def test_features_match_torchmetrics_fid_feature_path(random_inception_weights, 
 
 
 def test_weights_of_another_network_are_rejected(tmp_path):
-    _import_or_skip("torch_fidelity.feature_extractor_inceptionv3")
+    import_or_skip("torch_fidelity.feature_extractor_inceptionv3")
     wrong = tmp_path / "wrong.pth"
     torch.save(torch.nn.Linear(2, 2).state_dict(), wrong)
     with pytest.raises(ReflowError, match="does not hold FID Inception-v3 weights") as info:

@@ -1,9 +1,7 @@
-import importlib
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
+from helpers import import_or_skip
 from scipy.linalg import sqrtm
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
@@ -183,18 +181,6 @@ def test_kernel_distance_rejects_bad_arguments():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _import_or_skip(name: str):
-    # Not pytest.importorskip: a torchvision wheel built for another torch (CUDA wheel with a +cpu torch) breaks
-    # `import torchmetrics` with a RuntimeError ("operator torchvision::nms does not exist"), not an ImportError.
-    # torch_fidelity imports torchvision in its __init__; when that fails, the submodules imported before stay in
-    # sys.modules and a second import "succeeds", so torchvision goes first to make the skip independent of test order.
-    names = ("torchvision", name) if importlib.util.find_spec("torch_fidelity") else (name,)
-    try:
-        return [importlib.import_module(n) for n in names][-1]
-    except (ImportError, RuntimeError, OSError) as e:
-        pytest.skip(f"{name} unavailable: {type(e).__name__}: {e}")
-
-
 class _Precomputed(torch.nn.Module):
     """A torchmetrics 'feature extractor' that is the identity: update() is handed the features themselves."""
 
@@ -207,7 +193,7 @@ class _Precomputed(torch.nn.Module):
 
 
 def test_frechet_distance_matches_torchmetrics():
-    fid_module = _import_or_skip("torchmetrics.image.fid")
+    fid_module = import_or_skip("torchmetrics.image.fid")
     rng = np.random.default_rng(7)
     d = 16
     x = rng.normal(size=(500, d)) @ rng.normal(size=(d, d)) / 4
@@ -221,7 +207,7 @@ def test_frechet_distance_matches_torchmetrics():
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 @pytest.mark.parametrize(("degree", "gamma", "coef"), [(3, None, 1.0), (2, 0.1, 0.5)])
 def test_kernel_distance_matches_torchmetrics(degree, gamma, coef):
-    kid_module = _import_or_skip("torchmetrics.image.kid")
+    kid_module = import_or_skip("torchmetrics.image.kid")
     rng = np.random.default_rng(8)
     n, d = 200, 16
     x, y = rng.normal(size=(n, d)), 1.2 * rng.normal(size=(n, d)) + 0.1
