@@ -63,6 +63,9 @@ def metric_table(metrics: dict[str, Any], key: str) -> tuple[list[str], list[lis
 
 def flow_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["model", "solver", "straightness S", "curvature K", "adaptive NFE"]
+    spent = any("cpu_minutes" in m for m in metrics["models"])
+    if spent:
+        header.append("CPU minutes (cumulative)")
     rows = []
     for m in metrics["models"]:
         adaptive = str(m["adaptive_nfe"]) if "adaptive_nfe" in m else "-"
@@ -70,6 +73,9 @@ def flow_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         s = "-" if s is None else f"{s:.3g}"
         k = "-" if k is None else f"{k:.3g}"
         rows.append([m["name"], m["solver"], s, k, adaptive])
+        if spent:
+            cpu = m.get("cpu_minutes")
+            rows[-1].append("-" if cpu is None else f"{cpu:.1f}")
     return header, rows
 
 

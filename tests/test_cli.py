@@ -136,9 +136,11 @@ def test_full_loop(tmp_path, tiny_config):
 
 
 def test_quickstart_tiny(tmp_path):
-    r = invoke("quickstart", "--out", tmp_path / "qs", "--steps", 20, "--num-pairs", 500, "--eval-samples", 300)
+    r = invoke("quickstart", "--out", tmp_path / "qs", "--steps", 4, "--num-pairs", 32, "--eval-samples", 64)
     assert r.exit_code == 0, r.output
-    assert "2-rf" in r.output and (tmp_path / "qs" / "report" / "metrics.json").is_file()
+    assert "distill-k1" in r.output and (tmp_path / "qs" / "report" / "metrics.json").is_file()
+    assert "picture:" in r.output
+    assert (tmp_path / "qs" / "distill" / "report" / "samples_student.png").is_file()
 
 
 def one_error_line(result, *needles):

@@ -1,0 +1,417 @@
+"""Iterated reflow from one recipe: teacher -> pairs -> student -> report, round after round.
+
+A recipe (TOML) names where round 1 starts, how many rounds to run, how pairs are drawn, how every round
+trains, whether to distil the last student, and how to evaluate::
+
+    rounds = 2
+    [teacher]            # exactly one of: data (round 1 is 1-RF from data) or checkpoint
+    checkpoint = "data/teachers/digits-ddpm"   # a diffusers DDPM checkpoint or one of our flows
+    solver = "ddim"      # its solver and NFE for round 1's pairs
+    nfe = 50
+    [pairs]              # every round's pairs (the solver/NFE of flow teachers: the previous student)
+    num_pairs = 16384
+    solver = "euler"
+    nfe = 16
+    heldout = 1024       # held-out pairs of the starting teacher, for fidelity
+    [train]              # reflow.training.TrainConfig names, for every round; [train.round2] overrides
+    max_steps = 2000
+    [distill]            # optional: distil the last round's student on its pairs
+    k = 1
+    [eval]               # reflow.evaluation.EvalSettings names
+    nfes = [1, 2, 4]
+    reference = "digits"
+
+Layout of RUN: ``round-k/{pairs, student, report, manifest.json}`` (round 1 from data has no pairs),
+``heldout/`` (the starting teacher's held-out pairs), ``teacher/report`` (a checkpoint teacher at its own
+solver's NFEs), ``distill/{student, report}``, ``report/`` (one table across rounds) and
+``manifest.json``. The student of round k is the teacher of round k + 1. Every stage writes its output
+atomically or resumes itself (pairs by shard, training from its last checkpoint), so a run killed at any
+point and rerun with the same command skips what is finished and resumes what is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ReflowError
+from .evaluation import EvalSettings, Evaluation, evaluate
+from .io import atomic_write_json
+from .report import write_report
+from .training import TrainConfig, latest_checkpoint, read_toml, train
+
+Progress = Callable[..., None]
+"""``progress(stage, done, total, info="")``."""
+
+_TOP = {"rounds", "seed", "teacher", "pairs", "train", "distill", "eval", "name"}
+_TEACHER = {"data", "checkpoint", "solver", "nfe"}
+_PAIRS = {"num_pairs", "solver", "nfe", "heldout", "batch_size", "dtype"}
+_DISTILL = {"k", "max_steps", "batch_size", "lr", "loss", "time_sampler", "ema_decay", "warmup_steps", "seed"}
+
+
+def _unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    extra = sorted(set(table) - known)
+    if extra:
+        names, choices = ", ".join(extra), ", ".join(sorted(known))
+        raise ReflowError(f"recipe [{where}]: unknown setting(s) {names} (known: {choices})")
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe; ``Recipe.from_toml(path)`` checks every name and value."""
+
+    rounds: int
+    teacher: dict[str, Any]
+    pairs: dict[str, Any]
+    train: dict[str, Any]
+    eval: dict[str, Any]
+    distill: dict[str, Any] | None = None
+    seed: int = 0
+    name: str = "run"
+    round_train: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "recipe") -> Recipe:
+        _unknown(raw, _TOP, "top level")
+        teacher = dict(raw.get("teacher", {}))
+        _unknown(teacher, _TEACHER, "teacher")
+        if ("data" in teacher) == ("checkpoint" in teacher):
+            raise ReflowError(f"{where}: [teacher] needs exactly one of data = SOURCE or checkpoint = PATH")
+        rounds = raw.get("rounds", 1)
+        if not isinstance(rounds, int) or rounds < 1:
+            raise ReflowError(f"{where}: rounds must be a positive integer, got {rounds!r}")
+        pairs = {"num_pairs": 10_000, "solver": "euler", "nfe": 16, "heldout": 1024, "batch_size": 1024}
+        pairs.update(raw.get("pairs", {}))
+        _unknown(pairs, _PAIRS, "pairs")
+        train_table = dict(raw.get("train", {}))
+        round_train = {}
+        for key in [k for k in train_table if k.startswith("round")]:
+            value = train_table.pop(key)
+            if not key[5:].isdigit() or not isinstance(value, dict):
+                raise ReflowError(f"{where}: [train.{key}] must be a table named round1, round2, ...")
+            round_train[int(key[5:])] = value
+        known_train = {f.name for f in fields(TrainConfig)} - {"out", "data", "pairs", "init", "resume", "distill_k"}
+        for table, label in [(train_table, "train"), *((v, f"train.round{k}") for k, v in round_train.items())]:
+            _unknown(table, known_train | {"init"}, label)
+            if table.get("init", "auto") not in ("auto", "fresh"):
+                raise ReflowError(f"{where}: [{label}] init must be auto (the round's teacher) or fresh")
+        distill = raw.get("distill")
+        if distill is not None:
+            _unknown(distill, _DISTILL, "distill")
+        ev = dict(raw.get("eval", {}))
+        _unknown(ev, {f.name for f in fields(EvalSettings)} - {"heldout"}, "eval")
+        ev.setdefault("nfes", [1, 2, 4])
+        ev.setdefault("reference", teacher.get("data"))
+        if ev["reference"] is None:
+            raise ReflowError(f"{where}: [eval] needs reference = SOURCE (the real data to compare with)")
+        return cls(
+            rounds=rounds,
+            teacher=teacher,
+            pairs=pairs,
+            train=train_table,
+            eval=ev,
+            distill=distill,
+            seed=int(raw.get("seed", 0)),
+            name=str(raw.get("name", "run")),
+            round_train=round_train,
+        )
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise ReflowError(f"no such recipe: {path} (see data/recipes/ for examples)")
+        return cls.from_dict(read_toml(path), where=str(path))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rounds": self.rounds,
+            "seed": self.seed,
+            "teacher": self.teacher,
+            "pairs": self.pairs,
+            "train": self.train,
+            "round_train": {str(k): v for k, v in sorted(self.round_train.items())},
+            "distill": self.distill,
+            "eval": self.eval,
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Manifest:
+    """RUN/manifest.json: the recipe, and per stage its output, status and the time it took."""
+
+    def __init__(self, run: Path, recipe: Recipe):
+        self.path = run / "manifest.json"
+        if self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+            if self.data.get("recipe_digest") != recipe.digest():
+                raise ReflowError(f"{run} was made with another recipe; rerun with the same recipe or pick a new --out")
+        else:
+            self.data = {
+                "reflow_version": __version__,
+                "recipe": recipe.as_dict(),
+                "recipe_digest": recipe.digest(),
+                "stages": {},
+                "complete": False,
+            }
+            self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def done(self, stage: str) -> bool:
+        return self.data["stages"].get(stage, {}).get("status") == "done"
+
+    def record(self, stage: str, output: Path, wall: float | None, cpu: float | None, **info: Any) -> None:
+        self.data["stages"][stage] = {
+            "status": "done",
+            "output": str(output),
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+            **info,
+        }
+        self.save()
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def run_rounds(
+    recipe: Recipe | str | Path,
+    out: str | Path,
+    *,
+    device: Any = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a recipe into ``out``; returns the metrics of the table across rounds
+    (``out/report/metrics.json``)."""
+    from .pairs import generate_pairs
+    from .runtime import partial_state
+    from .teachers import load_teacher
+
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_toml(recipe)
+    run = Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+    state = partial_state()
+    manifest = _Manifest(run, recipe) if state.is_main_process else None
+    state.wait_for_everyone()
+    if manifest is None:
+        manifest = _Manifest(run, recipe)  # read back what the main process wrote
+
+    def note(stage: str, done: int = 0, total: int = 1, info: str = "") -> None:
+        if progress:
+            progress(stage, done, total, info)
+
+    def stage(name: str, output: Path, work: Callable[[], dict[str, Any] | None], exists: Callable[[], bool]) -> None:
+        """Run ``work`` unless ``name`` is recorded done (or its output is complete), then record it."""
+        if manifest.done(name) and exists():
+            return
+        if exists():  # finished but killed before the manifest was written: keep it, time unknown
+            if state.is_main_process:
+                manifest.record(name, output, None, None, resumed=True)
+            return
+        wall, cpu = _clock()
+        info = work() or {}
+        state.wait_for_everyone()
+        if state.is_main_process:
+            w2, c2 = _clock()
+            manifest.record(name, output, w2 - wall, c2 - cpu, **info)
+
+    pairs_cfg = recipe.pairs
+    eval_cfg = dict(recipe.eval)
+    start = recipe.teacher
+    heldout: Path | None = None
+
+    def pairs_of(teacher_path: str, solver: str, nfe: int, dest: Path, n: int, seed: int, round_: int) -> None:
+        teacher = load_teacher(teacher_path, nfe=nfe, solver=solver, device=device)
+        generate_pairs(
+            teacher,
+            dest,
+            n,
+            seed=seed,
+            batch_size=int(pairs_cfg["batch_size"]),
+            dtype=str(pairs_cfg.get("dtype", "float32")),
+            round_=round_,
+            progress=lambda d, t: note(f"{dest.parent.name}/{dest.name}", d, t),
+        )
+
+    def pairs_done(dest: Path) -> Callable[[], bool]:
+        return lambda: (dest / "reflow_pairs.json").is_file()  # the folder appears by rename, complete
+
+    def eval_model(models: list[Path], report: Path, name: str, teacher_nfe: int | None = None) -> None:
+        settings = EvalSettings(**eval_cfg, heldout=None if heldout is None else str(heldout))
+        if teacher_nfe is not None:
+            settings.teacher_nfe = teacher_nfe
+            settings.teacher_solver = str(start.get("solver", "ddim"))
+        if state.is_main_process:
+            result = evaluate(models, settings, device=device, progress=lambda s, d, t: note(name, d, t))
+            write_report(report, result)
+
+    # The starting teacher: its held-out pairs (fidelity of every round to it) and its own report.
+    teacher_path = start.get("checkpoint")
+    teacher_report = None
+    if teacher_path is not None:
+        solver, nfe = str(start.get("solver", "ddim")), int(start.get("nfe", 50))
+        heldout = run / "heldout"
+        if int(pairs_cfg["heldout"]) > 0:
+            stage(
+                "heldout",
+                heldout,
+                lambda: pairs_of(teacher_path, solver, nfe, heldout, int(pairs_cfg["heldout"]), recipe.seed + 1, 1),
+                pairs_done(heldout),
+            )
+        else:
+            heldout = None
+        if _is_diffusers_checkpoint(Path(teacher_path)):
+            teacher_report = run / "teacher" / "report"
+            stage(
+                "teacher/report",
+                teacher_report,
+                lambda: eval_model([Path(teacher_path)], teacher_report, "eval teacher", teacher_nfe=nfe),
+                lambda: (teacher_report / "metrics.json").is_file(),
+            )
+
+    previous: str | None = teacher_path
+    students: list[Path] = []
+    for k in range(1, recipe.rounds + 1):
+        folder = run / f"round-{k}"
+        folder.mkdir(exist_ok=True)
+        student = folder / "student"
+        cfg = {**recipe.train, **recipe.round_train.get(k, {})}
+        init = cfg.pop("init", "auto")
+        cfg.setdefault("seed", recipe.seed + k - 1)
+        if previous is None:  # round 1 from data: independent coupling
+            config = TrainConfig(out=str(student), data=str(start["data"]), **cfg)
+        else:
+            pairs = folder / "pairs"
+            if k == 1:
+                solver, nfe = str(start.get("solver", "ddim")), int(start.get("nfe", 50))
+            else:
+                solver, nfe = str(pairs_cfg["solver"]), int(pairs_cfg["nfe"])
+            stage(
+                f"round-{k}/pairs",
+                pairs,
+                lambda p=previous, s=solver, n=nfe, d=pairs, r=k: pairs_of(
+                    p, s, n, d, int(pairs_cfg["num_pairs"]), recipe.seed, r
+                ),
+                pairs_done(pairs),
+            )
+            config = TrainConfig(out=str(student), pairs=str(pairs), init=None if init == "fresh" else previous, **cfg)
+        config.extra = {"recipe": recipe.name, "round": k}
+
+        def do_train(config: TrainConfig = config, k: int = k) -> dict[str, Any]:
+            config.resume = latest_checkpoint(Path(config.out)) is not None
+            result = train(config, progress=lambda s, t, loss, sps: note(f"train round {k}", s, t, f"loss {loss:.4g}"))
+            return {"steps": result.steps, "final_loss": result.loss}
+
+        stage(f"round-{k}/student", student, do_train, lambda s=student: (s / "README.md").is_file())
+        report = folder / "report"
+        stage(
+            f"round-{k}/report",
+            report,
+            lambda s=student, r=report, k=k: eval_model([s], r, f"eval round {k}"),
+            lambda r=report: (r / "metrics.json").is_file(),
+        )
+        if state.is_main_process:
+            atomic_write_json(
+                folder / "manifest.json",
+                {
+                    "round": k,
+                    "teacher": previous,
+                    "stages": {n: v for n, v in manifest.data["stages"].items() if n.startswith(f"round-{k}/")},
+                },
+            )
+        students.append(student)
+        previous = str(student)
+
+    reports = ([teacher_report] if teacher_report is not None else []) + [
+        run / f"round-{k}" / "report" for k in range(1, recipe.rounds + 1)
+    ]
+    names = (["teacher"] if teacher_report is not None else []) + [f"round-{k}" for k in range(1, recipe.rounds + 1)]
+    if recipe.distill is not None:
+        last = run / f"round-{recipe.rounds}"
+        if not (last / "pairs").exists():
+            raise ReflowError("[distill] needs pairs: the last round must train on pairs (rounds >= 2 from data)")
+        dcfg = dict(recipe.distill)
+        k_steps = int(dcfg.pop("k", 1))
+        dest = run / "distill" / "student"
+        dest.parent.mkdir(exist_ok=True)
+        config = TrainConfig(
+            out=str(dest), pairs=str(last / "pairs"), init=str(last / "student"), distill_k=k_steps, **dcfg
+        )
+        config.extra = {"recipe": recipe.name, "round": f"distill k={k_steps}"}
+
+        def do_distill(config: TrainConfig = config) -> dict[str, Any]:
+            config.resume = latest_checkpoint(Path(config.out)) is not None
+            result = train(config, progress=lambda s, t, loss, sps: note("distill", s, t, f"loss {loss:.4g}"))
+            return {"steps": result.steps, "final_loss": result.loss}
+
+        stage("distill/student", dest, do_distill, lambda: (dest / "README.md").is_file())
+        report = run / "distill" / "report"
+        stage(
+            "distill/report",
+            report,
+            lambda: eval_model([dest], report, "eval distill"),
+            lambda: (report / "metrics.json").is_file(),
+        )
+        reports.append(report)
+        names.append(f"distill-k{k_steps}")
+
+    table = run / "report"
+    if state.is_main_process:
+        combined = combine_reports(reports, names, manifest.data)
+        write_report(table, Evaluation(metrics=combined, pictures={"models": {}}))
+        manifest.data["complete"] = True
+        manifest.data["report"] = str(table)
+        manifest.save()
+    state.wait_for_everyone()
+    return json.loads((table / "metrics.json").read_text())
+
+
+def _is_diffusers_checkpoint(path: Path) -> bool:
+    from .models import is_flow_pipeline
+
+    return (path / "model_index.json").is_file() and not is_flow_pipeline(path)
+
+
+def combine_reports(reports: list[Path], names: list[str], manifest: dict[str, Any]) -> dict[str, Any]:
+    """One table across rounds from the per-round reports (same noise, reference and held-out pairs), each
+    model renamed after its round, with ``cpu_minutes``: the CPU time spent making it (pairs and training
+    of its round and of every round before it; None for the starting teacher or when a stage was
+    finished by a run that was killed before it could record its time)."""
+    combined: dict[str, Any] | None = None
+    spent_so_far: float | None = 0.0
+    for report, name in zip(reports, names, strict=True):
+        metrics = json.loads((report / "metrics.json").read_text())
+        model = dict(metrics["models"][0], name=name)
+        if name == "teacher":
+            model["cpu_minutes"] = None
+        else:
+            prefix = "distill/" if name.startswith("distill") else f"{name}/"
+            spent = [
+                s.get("cpu_seconds")
+                for n, s in manifest["stages"].items()
+                if n.startswith(prefix) and not n.endswith("/report")
+            ]
+            if spent_so_far is not None and None not in spent:
+                spent_so_far += sum(spent) / 60
+            else:
+                spent_so_far = None
+            model["cpu_minutes"] = spent_so_far
+        if combined is None:
+            combined = {k: v for k, v in metrics.items() if k not in ("models", "figures")}
+            combined["models"] = []
+        combined["models"].append(model)
+    assert combined is not None
+    return combined

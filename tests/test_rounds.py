@@ -1,0 +1,128 @@
+"""reflow rounds: a two-round recipe on a 2-D toy end to end, killed midway with SIGKILL and rerun."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from reflow.cli.app import app
+from typer.testing import CliRunner
+
+from reflow.errors import ReflowError
+from reflow.rounds import Recipe
+
+RECIPE = """
+name = "tiny-moons"
+rounds = 2
+[teacher]
+data = "moons"
+[pairs]
+num_pairs = 512
+solver = "euler"
+nfe = 8
+batch_size = 256
+[train]
+max_steps = 30
+batch_size = 64
+hidden_dim = 32
+num_layers = 2
+time_embed_dim = 16
+checkpoint_every = 10
+log_with = "none"
+[train.round2]
+lr = 5e-4
+[distill]
+k = 1
+max_steps = 10
+batch_size = 64
+[eval]
+nfes = [1, 2]
+num_samples = 200
+seeds = [1]
+diagnostics_samples = 64
+"""
+
+KILL = textwrap.dedent(
+    """
+    import os, signal, sys
+    from reflow.rounds import run_rounds
+    def progress(stage, done, total, info=""):
+        if stage == "train round 2" and done >= 15:
+            os.kill(os.getpid(), signal.SIGKILL)
+    run_rounds(sys.argv[1], sys.argv[2], progress=progress)
+    """
+)
+
+
+def test_two_rounds_killed_midway_resume_and_complete(tmp_path):
+    recipe, run = tmp_path / "recipe.toml", tmp_path / "run"
+    recipe.write_text(RECIPE)
+    killed = subprocess.run([sys.executable, "-c", KILL, str(recipe), str(run)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    before = json.loads((run / "manifest.json").read_text())
+    assert not before["complete"]
+    assert {"round-1/student", "round-1/report", "round-2/pairs"} <= set(before["stages"])
+    assert "round-2/student" not in before["stages"]
+    assert (run / "round-2" / "student.checkpoints").is_dir()  # killed after the step-10 checkpoint
+
+    r = CliRunner().invoke(app, ["rounds", "--config", str(recipe), "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    after = json.loads((run / "manifest.json").read_text())
+    assert after["complete"] and after["recipe_digest"] == before["recipe_digest"]
+    # finished stages were skipped, not redone
+    for name in ("round-1/student", "round-1/report", "round-2/pairs"):
+        assert after["stages"][name] == before["stages"][name]
+    stages = {"round-1/student", "round-1/report", "round-2/pairs", "round-2/student", "round-2/report"}
+    assert stages | {"distill/student", "distill/report"} == set(after["stages"])
+    assert all(s["status"] == "done" for s in after["stages"].values())
+    assert after["stages"]["round-2/student"]["steps"] == 30
+    assert not (run / "round-2" / "student.checkpoints").exists()
+    # round 2 learned from round 1's pairs, initialised from round 1, with its own override
+    card = (run / "round-2" / "student" / "README.md").read_text()
+    assert str(run / "round-1" / "student") in card and '"lr": 0.0005' in card
+    provenance = json.loads((run / "round-2" / "pairs" / "reflow_pairs.json").read_text())
+    assert provenance["teacher"]["teacher"] == str((run / "round-1" / "student").resolve())
+    for k in (1, 2):
+        m = json.loads((run / f"round-{k}" / "manifest.json").read_text())
+        assert m["round"] == k and all(n.startswith(f"round-{k}/") for n in m["stages"])
+    table = json.loads((run / "report" / "metrics.json").read_text())
+    assert [m["name"] for m in table["models"]] == ["round-1", "round-2", "distill-k1"]
+    assert table["models"][1]["cpu_minutes"] is not None  # the resumed stage is timed from the rerun
+    assert "round-2" in r.output and "distill-k1" in r.output
+    assert (run / "report" / "report.md").is_file() and (run / "report" / "quality_vs_nfe.png").is_file()
+
+    # A third run finds everything done and changes nothing; another recipe is refused.
+    r = CliRunner().invoke(app, ["rounds", "--config", str(recipe), "--out", str(run)])
+    assert r.exit_code == 0 and json.loads((run / "manifest.json").read_text()) == after
+    other = tmp_path / "other.toml"
+    other.write_text(RECIPE.replace("rounds = 2", "rounds = 3"))
+    r = CliRunner().invoke(app, ["rounds", "--config", str(other), "--out", str(run)])
+    assert r.exit_code == 2 and "another recipe" in r.output
+
+
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("rounds = 1\n[teacher]\n", "exactly one of data"),
+        ('rounds = 0\n[teacher]\ndata = "moons"\n', "rounds must be"),
+        ('[teacher]\ndata = "moons"\n[train]\nmax_stepz = 3\n', "max_stepz"),
+        ('[teacher]\ncheckpoint = "x"\n', "reference"),
+        ('[teacher]\ndata = "moons"\n[train]\ninit = "teacher"\n', "init must be"),
+    ],
+)
+def test_bad_recipes(tmp_path, text, msg):
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    with pytest.raises(ReflowError, match=msg):
+        Recipe.from_toml(path)
+
+
+def test_shipped_recipes_parse():
+    from pathlib import Path
+
+    recipes = sorted(Path("data/recipes").glob("*.toml"))
+    assert {r.stem for r in recipes} >= {"checkerboard", "moons", "digits", "template-32x32-gpu"}
+    for r in recipes:
+        recipe = Recipe.from_toml(r)
+        assert recipe.rounds >= 1 and recipe.eval["nfes"]
