@@ -331,6 +331,29 @@ def generate_cmd(
         typer.Option(help="Diffusers on GPU: run the UNet under bf16 or fp16 autocast (recorded: it changes samples)."),
     ] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="Diffusers: torch.compile the UNet.")] = False,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(help="Conditional diffusers teachers: classifier-free guidance scale baked into the pairs."),
+    ] = None,
+    null_label: Annotated[
+        int | None,
+        typer.Option(help="Class-conditional guidance: the checkpoint's unconditional class (if not declared)."),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Text-to-image teachers: prompts, a .txt file (one per line) or a datasets folder."),
+    ] = None,
+    prompt_column: Annotated[str, typer.Option(help="The prompt column of a --prompts datasets folder.")] = "prompt",
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="Text-to-image teachers: the negative prompt of guidance (default: empty).")
+    ] = None,
+    store_embeddings: Annotated[
+        bool,
+        typer.Option(
+            "--store-embeddings/--store-prompts-only",
+            help="Text pairs: store each row's prompt embeddings (default) or only the prompt (re-encoded).",
+        ),
+    ] = True,
     round_: Annotated[int, typer.Option("--round", help="Reflow round these pairs train (recorded).")] = 1,
     push_to_hub: Annotated[
         str | None, typer.Option(help="Also upload the finished pairs to this Hub dataset repo.")
@@ -339,15 +362,26 @@ def generate_cmd(
 ) -> None:
     """Run a teacher on seeded noise and store the coupled pairs (sharded; rerun the same command to resume)."""
     from reflow.pairs import generate_pairs
+    from reflow.prompts import read_prompts
     from reflow.teachers import load_teacher
 
-    is_diffusers = (teacher / "model_index.json").is_file()
+    from reflow.models import is_flow_pipeline
+
+    is_diffusers = (teacher / "model_index.json").is_file() and not is_flow_pipeline(teacher)
     solver = solver or ("ddim" if is_diffusers else "euler")
     nfe = nfe or (50 if is_diffusers else 100)
-    settings = (("timestep_spacing", timestep_spacing), ("clip_sample", clip_sample), ("autocast", autocast))
+    settings = (
+        ("timestep_spacing", timestep_spacing),
+        ("clip_sample", clip_sample),
+        ("autocast", autocast),
+        ("guidance_scale", guidance_scale),
+        ("null_label", null_label),
+        ("negative_prompt", negative_prompt),
+    )
     overrides = {k: v for k, v in settings if v is not None}
     if compile_:
         overrides["compile"] = True
+    prompt_list = read_prompts(prompts, prompt_column) if prompts is not None else None
     t = load_teacher(teacher, nfe=nfe, solver=solver, device=_device(), allow_pickle=allow_pickle, **overrides)
     with _Bar("generate") as bar:
 
@@ -364,6 +398,8 @@ def generate_cmd(
             shard_size=shard_size,
             round_=round_,
             labels=_parse_ints(labels, "--labels") if labels else None,
+            prompts=prompt_list,
+            store_embeddings=store_embeddings,
             push_to_hub=push_to_hub,
             progress=on_rows,
         )
@@ -415,8 +451,20 @@ def sample_cmd(
     noise: Annotated[Path | None, typer.Option(help="Start from this z0 array (.npy) instead of --num/--seed.")] = None,
     solver: Annotated[str, typer.Option(help="euler, heun or adaptive.")] = "euler",
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4096,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Class-conditional models: comma-separated classes; sample i gets label i mod count."),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Text-to-image models: prompts (.txt, one per line); sample i gets prompt i mod count."),
+    ] = None,
+    decode: Annotated[
+        bool, typer.Option("--decode", help="Text-to-image models: write VAE-decoded images in [-1, 1], not latents.")
+    ] = False,
 ) -> None:
-    """Draw samples from a flow model in K network calls."""
+    """Draw samples from a flow model in K network calls (conditional models: with --labels or --prompts;
+    the labels or prompts used go to OUT with .labels.npy / .prompts.txt in place of .npy)."""
     import torch
 
     from reflow.io import atomic_write_bytes
@@ -449,11 +497,50 @@ def sample_cmd(
         if num < 1:
             raise ReflowError(f"--num must be at least 1, got {num}")
         z0 = row_noise(seed, range(num), shape)
-    sol = sample(m, z0, nfe, solver, batch_size=batch_size, device=_device())
+    conditioning = getattr(m, "conditioning", None)
+    cond, extra = None, None
+    if conditioning == "class":
+        if not labels:
+            raise ReflowError(f"{model} is class-conditional ({m.num_classes} classes): pass --labels 0,1,2")
+        classes = _parse_ints(labels, "--labels")
+        bad = [c for c in classes if not 0 <= c < m.num_classes]
+        if bad:
+            raise ReflowError(f"--labels {bad} out of range: this model has classes 0..{m.num_classes - 1}")
+        y = torch.tensor([classes[i % len(classes)] for i in range(len(z0))], dtype=torch.long)
+        cond = {"class_labels": y}
+        buf = io.BytesIO()
+        np.save(buf, y.numpy())
+        extra = (out.with_suffix(".labels.npy"), buf.getvalue())
+    elif conditioning == "text":
+        if prompts is None:
+            raise ReflowError(f"{model} is a text-to-image model: pass --prompts FILE (one prompt per line)")
+        from reflow.text_teacher import PromptEncoder
+
+        from reflow.prompts import read_prompts
+
+        texts = read_prompts(prompts)
+        texts = [texts[i % len(texts)] for i in range(len(z0))]
+        cond = {"encoder_hidden_states": PromptEncoder(model)(texts)}
+        extra = (out.with_suffix(".prompts.txt"), ("\n".join(texts) + "\n").encode())
+    elif labels or prompts is not None:
+        raise ReflowError(f"{model} is unconditional; drop --labels / --prompts")
+    if decode and conditioning != "text":
+        raise ReflowError("--decode applies to text-to-image (latent) models only")
+    latent = conditioning == "text"
+    sol = sample(m, z0, nfe, solver, batch_size=batch_size, device=_device(), clamp=not latent, cond=cond)
+    z1 = sol.z1
+    if decode:
+        from reflow.text_teacher import decode_latents
+
+        z1 = decode_latents(model, z1)
     buf = io.BytesIO()
-    np.save(buf, sol.z1.numpy().astype(np.float32))
+    np.save(buf, z1.numpy().astype(np.float32))
+    if extra is not None:
+        atomic_write_bytes(*extra)
     atomic_write_bytes(out, buf.getvalue())
-    console.print(f"wrote [bold]{out}[/bold]: {len(z0)} samples of shape {shape}, {sol.nfe} network calls")
+    console.print(
+        f"wrote [bold]{out}[/bold]: {len(z0)} samples of shape {tuple(z1.shape[1:])}, {sol.nfe} network calls"
+    )
 
 
 def report_tables(metrics: dict) -> list[Table]:
@@ -515,9 +602,18 @@ def eval_cmd(
         Path | None, typer.Option(help="Inception-v3 weights (pt_inception-2015-12-05) for FID/KID of images.")
     ] = None,
     figures: Annotated[bool, typer.Option(help="Write PNG figures.")] = True,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(help="Conditional diffusers checkpoints: guidance scale (default: the held-out pairs')."),
+    ] = None,
+    null_label: Annotated[
+        int | None, typer.Option(help="Class-conditional checkpoints: the unconditional class for guidance.")
+    ] = None,
 ) -> None:
     """Few-step quality (W2; FD/KID in a feature space), fidelity to the teacher and straightness, as one
-    report comparing every --model from the same noise."""
+    report comparing every --model from the same noise. Class-conditional models: samples cycle through the
+    classes, with per-class W2 and (digits) classifier agreement; text-to-image models: the prompts of the
+    --heldout pairs, quality in latent space against --reference (the pairs' z1)."""
     from reflow.evaluation import EvalSettings, evaluate
     from reflow.report import write_report
 
@@ -531,6 +627,8 @@ def eval_cmd(
         teacher_nfe=teacher_nfe,
         num_fidelity=num_fidelity,
         inception_weights=None if inception_weights is None else str(inception_weights),
+        guidance_scale=guidance_scale,
+        null_label=null_label,
     )
     if inception_weights is not None and not inception_weights.is_file():
         raise ReflowError(f"no such file: {inception_weights} (--inception-weights takes the Inception weights file)")

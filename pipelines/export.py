@@ -19,6 +19,8 @@ the same images. The UNet also works unchanged with ``FlowMatchEulerDiscreteSche
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +42,47 @@ def student_scheduler(num_train_timesteps: int = 1000) -> Any:
     )
 
 
-def save_student(model: nn.Module, folder: str | Path) -> None:
+def save_student(
+    model: nn.Module, folder: str | Path, *, components: str | Path | None = None, null_label: int | None = None
+) -> None:
     """Write a velocity model into ``folder`` (which must exist and be empty, e.g. an ``atomic_dir``):
-    a ``DDPMPipeline`` folder for an image ``UNetFlow``, a ``save_pretrained`` folder otherwise."""
+
+    - an unconditional image ``UNetFlow``: a stock ``DDPMPipeline`` folder;
+    - a class-conditional one: a ``ReflowClassConditionalPipeline`` folder whose ``pipeline.py`` is
+      ``reflow/pipelines/class_conditional.py`` (``DiffusionPipeline.from_pretrained(folder,
+      trust_remote_code=True)`` loads it with no reflow installed); ``null_label``, the class its teacher
+      used for "no label" in guidance, is recorded as ``"_reflow_null_class"`` in model_index.json so the
+      student, teaching the next round, never draws it;
+    - a text-conditional one (``UNet2DConditionModel``): a stock ``StableDiffusionPipeline`` folder with the
+      VAE, text encoder and tokenizer of ``components`` (the teacher's Stable Diffusion folder); it samples
+      with ``pipe(prompt, num_inference_steps=k, guidance_scale=1.0)`` (guidance is baked into the pairs);
+    - anything else (an MLP): a ``save_pretrained`` folder.
+    """
     from diffusers import DDPMPipeline
 
     from reflow.models import UNetFlow
 
-    folder = str(folder)
-    if isinstance(model, UNetFlow):
-        pipe = DDPMPipeline(unet=model.unet, scheduler=student_scheduler(model.num_train_timesteps))
-        pipe.save_pretrained(folder, safe_serialization=True)
+    folder = Path(folder)
+    if not isinstance(model, UNetFlow):
+        model.save_pretrained(str(folder), safe_serialization=True)
+        return
+    scheduler = student_scheduler(model.num_train_timesteps)
+    if model.conditioning == "class":
+        from .class_conditional import ReflowClassConditionalPipeline
+
+        ReflowClassConditionalPipeline(unet=model.unet, scheduler=scheduler).save_pretrained(
+            str(folder), safe_serialization=True
+        )
+        shutil.copyfile(Path(__file__).with_name("class_conditional.py"), folder / "pipeline.py")
+        index_file = folder / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["_class_name"] = ["pipeline", "ReflowClassConditionalPipeline"]
+        if null_label is not None:
+            index["_reflow_null_class"] = int(null_label)
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    elif model.conditioning == "text":
+        from .text_to_image import save_text_to_image
+
+        save_text_to_image(model.unet, scheduler, folder, components)
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        DDPMPipeline(unet=model.unet, scheduler=scheduler).save_pretrained(str(folder), safe_serialization=True)

@@ -63,6 +63,7 @@ class DataSource:
     name: str
     sample_shape: tuple[int, ...]
     data: torch.Tensor | None = None  # the rows of a finite source, (N, *sample_shape) float32
+    labels: torch.Tensor | None = None  # class labels of the rows (int64), where the source has them
 
     @property
     def finite(self) -> bool:
@@ -84,6 +85,15 @@ class DataSource:
         if n >= len(self.data):
             return self.data
         return self.data[torch.randperm(len(self.data), generator=g)[:n]]
+
+    def reference_labels(self, n: int, seed: int = 10_000) -> torch.Tensor | None:
+        """The class labels of ``reference(n, seed)``'s rows, or None when the source has no labels."""
+        if self.labels is None:
+            return None
+        if n >= len(self.labels):
+            return self.labels
+        g = torch.Generator().manual_seed(seed)
+        return self.labels[torch.randperm(len(self.labels), generator=g)[:n]]
 
 
 def _from_array(name: str, arr: np.ndarray) -> DataSource:
@@ -131,7 +141,12 @@ def _from_datasets_folder(path: Path, column: str | None) -> DataSource:
             raise ReflowError(f"{path}: column {column!r} is not a fixed-shape numeric array ({e})") from None
         if arr.dtype == object:
             raise ReflowError(f"{path}: column {column!r} has rows of different shapes; samples need one shape")
-    return _from_array(f"{path}[{column}]", arr)
+    out = _from_array(f"{path}[{column}]", arr)
+    if "label" in ds.column_names and column != "label":
+        labels = np.asarray(ds.with_format("numpy")["label"])
+        if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+            out.labels = torch.from_numpy(labels.astype(np.int64))
+    return out
 
 
 def load_source(source: str, column: str | None = None) -> DataSource:
@@ -139,7 +154,11 @@ def load_source(source: str, column: str | None = None) -> DataSource:
     if source in TOYS:
         return DataSource(name=source, sample_shape=(2,))
     if source == "digits":
-        return _from_array("digits", load_digits_array())
+        from sklearn.datasets import load_digits
+
+        digits = _from_array("digits", load_digits_array())
+        digits.labels = torch.from_numpy(load_digits().target.astype(np.int64))
+        return digits
     path = Path(source)
     if path.suffix == ".npy":
         if not path.is_file():

@@ -105,6 +105,12 @@ class DiffusersTeacher:
 
     ``__call__(z0, labels=None) -> z1``: z0 of shape (B, *sample_shape), unit Gaussian; labels (B,)
     class indices for a class-conditional UNet (``num_classes`` is not None), else None.
+
+    Classifier-free guidance (class-conditional UNets): with ``guidance_scale`` w the UNet's noise
+    prediction is eps(null) + w (eps(label) - eps(null)) at every step, the null label being the class the
+    checkpoint was trained with for "no label" (``null_label``, or the ``"_reflow_null_class"`` entry of its
+    model_index.json). The null label is never drawn as a pair's label (``label_choices``). Both go into
+    ``describe()["overrides"]``, so pairs record the guidance they were made with.
     ``timestep_spacing`` and ``clip_sample`` override the checkpoint's scheduler config and are
     recorded in ``describe()``, as is ``autocast`` when set. ``channels_last`` (None: on for CUDA only) and
     ``compile`` are speed settings, not recorded (see the module docstring).
@@ -123,6 +129,8 @@ class DiffusersTeacher:
         autocast: str | torch.dtype | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
+        guidance_scale: float | None = None,
+        null_label: int | None = None,
     ):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
@@ -241,6 +249,38 @@ class DiffusersTeacher:
                 "only integer class labels (num_class_embeds)"
             )
         self.num_classes: int | None = int(cfg.num_class_embeds) if cfg.num_class_embeds is not None else None
+        declared = model_index.get("_reflow_null_class")
+        if null_label is None and declared is not None:
+            null_label = declared
+        if null_label is not None:
+            if self.num_classes is None:
+                raise ReflowError("null_label applies to class-conditional teachers; this one is unconditional")
+            bad_type = isinstance(null_label, bool) or not isinstance(null_label, int)
+            if bad_type or not 0 <= null_label < self.num_classes:
+                top = self.num_classes - 1
+                raise ReflowError(f"null_label must be a class index in [0, {top}], got {null_label!r}")
+        if guidance_scale is not None:
+            if self.num_classes is None:
+                raise ReflowError(
+                    "--guidance-scale needs a class-conditional teacher (or a text-to-image one); this one is "
+                    "unconditional"
+                )
+            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+                raise ReflowError(f"--guidance-scale must be a number, got {guidance_scale!r}")
+            if not math.isfinite(guidance_scale) or guidance_scale < 0:
+                raise ReflowError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
+            if null_label is None:
+                raise ReflowError(
+                    "classifier-free guidance needs the checkpoint's unconditional class: pass --null-label N "
+                    '(or add "_reflow_null_class": N to its model_index.json)'
+                )
+            self.overrides["guidance_scale"] = float(guidance_scale)
+            self.overrides["null_label"] = int(null_label)
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.null_label = null_label
+        self.label_choices: list[int] | None = (
+            [c for c in range(self.num_classes) if c != null_label] if self.num_classes is not None else None
+        )
         self._hashes: tuple[str, str] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -265,6 +305,7 @@ class DiffusersTeacher:
                 "solver_config": solver_config,
                 "timesteps": [int(t) for t in self.scheduler.timesteps],
                 "num_classes": self.num_classes,
+                **({"null_label": self.null_label} if self.null_label is not None else {}),
                 "components": self.components,
             }
         )
@@ -310,8 +351,13 @@ class DiffusersTeacher:
         if self.channels_last:
             x = x.contiguous(memory_format=memory_format)
         step_kwargs = {"eta": 0.0} if self.solver == "ddim" else {}
+        guided = self.guidance_scale is not None
+        if guided:  # one UNet call on [null; labels], as diffusers' guided pipelines batch it
+            class_labels = torch.cat([torch.full_like(class_labels, self.null_label), class_labels])
         for t, unet_t in zip(scheduler.timesteps, self._unet_timesteps, strict=True):
             model_input = scheduler.scale_model_input(x, t)
+            if guided:
+                model_input = torch.cat([model_input, model_input])
             if self.channels_last:
                 model_input = model_input.contiguous(memory_format=memory_format)
             if self.autocast_dtype is not None:
@@ -321,6 +367,9 @@ class DiffusersTeacher:
                 out = self._forward(model_input, unet_t, class_labels=class_labels).sample
             if self._split_output:
                 out = out[:, : self.sample_shape[0]]
+            if guided:
+                uncond, cond = out.chunk(2)
+                out = uncond + self.guidance_scale * (cond - uncond)
             if out.dtype != x.dtype:  # autocast: step the solver in the sample's precision
                 out = out.to(x.dtype)
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample

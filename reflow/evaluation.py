@@ -36,6 +36,7 @@ import torch
 from . import __version__
 from .data import load_source
 from .errors import ReflowError
+from .flow import Conditioned
 from .models import is_flow_pipeline, load_model
 from .noise import row_noise
 from .sampling import is_image, sample
@@ -62,6 +63,10 @@ class EvalSettings:
     adaptive_tol: float = 1e-4  # rtol = atol of every adaptive solve
     teacher_nfe: int = 50  # the reference solve of a diffusers checkpoint
     teacher_solver: str = "ddim"
+    # conditional diffusers checkpoints: their guidance (default: what the held-out pairs were made with)
+    guidance_scale: float | None = None
+    null_label: int | None = None
+    negative_prompt: str | None = None
     num_fidelity: int = 1024
     diagnostics_samples: int = 512
     straightness_steps: int = STRAIGHTNESS_STEPS
@@ -94,74 +99,105 @@ class Evaluation:
 
 
 class _Model:
-    """One model under evaluation: a flow of ours, or a diffusers DDPM checkpoint sampled with its solver."""
+    """One model under evaluation: a flow of ours, or a diffusers checkpoint sampled with its solver.
 
-    def __init__(self, path: Path, settings: EvalSettings, device: torch.device | str):
+    ``conditioning`` is None, "class" or "text"; ``sample`` then takes the rows' class labels or prompt
+    embeddings. Latent (text-to-image) samples are not clamped.
+    """
+
+    def __init__(self, path: Path, settings: EvalSettings, device: torch.device | str, guidance: dict[str, Any]):
         self.path = path
         self.settings = settings
         self.device = device
         if not path.exists():
             raise ReflowError(f"no such model: {path} (pass a `reflow train` folder or a diffusers pipeline folder)")
         if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
-            from .diffusers_teacher import DiffusersTeacher
+            from .teachers import load_teacher
 
             self.kind = "diffusers"
-            self.teacher = DiffusersTeacher(
-                path, nfe=settings.teacher_nfe, solver=settings.teacher_solver, device=device
+            self.teacher = load_teacher(
+                path, nfe=settings.teacher_nfe, solver=settings.teacher_solver, device=device, **guidance
             )
-            if self.teacher.num_classes is not None:
-                raise ReflowError(f"{path} is class-conditional; evaluate unconditional checkpoints only")
+            self.conditioning = getattr(self.teacher, "conditioning", None) or (
+                "class" if self.teacher.num_classes is not None else None
+            )
+            self.label_choices = getattr(self.teacher, "label_choices", None)
             self.sample_shape = tuple(self.teacher.sample_shape)
             self.solver = f"{settings.teacher_solver} (the checkpoint's scheduler)"
+            if guidance.get("guidance_scale") is not None:
+                self.solver += f", guidance {guidance['guidance_scale']:g}"
         else:
             self.kind = "flow"
             self.model = load_model(path).to(device).eval()
+            self.conditioning = getattr(self.model, "conditioning", None)
+            self.label_choices = None
+            if self.conditioning == "class":
+                from .teachers import _read_index
+
+                null = _read_index(path).get("_reflow_null_class")
+                self.label_choices = [c for c in range(self.model.num_classes) if c != null]
             self.sample_shape = tuple(self.model.sample_shape)
             grid = "its scheduler's grid" if hasattr(self.model, "euler_grid") else "uniform grid"
             self.solver = f"euler ({grid})"
+        self.clamp = is_image(self.sample_shape) and self.conditioning != "text"
 
-    def sample(self, z0: torch.Tensor, k: int) -> torch.Tensor:
-        """z1 from z0 in k network calls (k-step Euler for a flow, k-step DDPM solver for a checkpoint)."""
+    def _finish(self, z1: torch.Tensor) -> torch.Tensor:
+        return z1.clamp(-1, 1) if self.clamp else z1
+
+    def sample(self, z0: torch.Tensor, k: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """z1 from z0 in k network calls (k-step Euler for a flow, k-step DDPM solver for a checkpoint);
+        ``cond``: the rows' class labels or prompt embeddings for a conditional model."""
+        bs = self.settings.batch_size
         if self.kind == "flow":
-            return sample(self.model, z0, k, "euler", batch_size=self.settings.batch_size, device=self.device).z1
+            keyword = {"class": "class_labels", "text": "encoder_hidden_states"}.get(self.conditioning)
+            kw = {keyword: cond} if keyword else None
+            return sample(self.model, z0, k, "euler", batch_size=bs, device=self.device, clamp=self.clamp, cond=kw).z1
         self.teacher.nfe = k  # the teacher resets its scheduler to self.nfe steps on every call
-        outs = [
-            self.teacher(z0[b : b + self.settings.batch_size]).float().cpu()
-            for b in range(0, len(z0), self.settings.batch_size)
-        ]
-        z1 = torch.cat(outs)
-        return z1.clamp(-1, 1) if is_image(self.sample_shape) else z1
+        outs = []
+        for b in range(0, len(z0), bs):
+            args = (z0[b : b + bs],) if cond is None else (z0[b : b + bs], cond[b : b + bs])
+            outs.append(self.teacher(*args).float().cpu())
+        return self._finish(torch.cat(outs))
 
-    def _adaptive(self, z0: torch.Tensor):
+    def _field(self, cond: torch.Tensor | None, b: int, e: int):
+        if cond is None or self.conditioning is None:
+            return self.model
+        keyword = "class_labels" if self.conditioning == "class" else "encoder_hidden_states"
+        return Conditioned(self.model, **{keyword: cond[b:e].to(self.device)})
+
+    def _adaptive(self, z0: torch.Tensor, cond: torch.Tensor | None = None):
         tol = self.settings.adaptive_tol
         outs, nfe = [], 0
-        for b in range(0, len(z0), self.settings.batch_size):
-            sol = solve(
-                self.model, z0[b : b + self.settings.batch_size].to(self.device), 0, "adaptive", rtol=tol, atol=tol
-            )
+        bs = self.settings.batch_size
+        for b in range(0, len(z0), bs):
+            field = self._field(cond, b, b + bs)
+            sol = solve(field, z0[b : b + bs].to(self.device), 0, "adaptive", rtol=tol, atol=tol)
             outs.append(sol.z1.float().cpu())
             nfe = max(nfe, sol.nfe)
-        z1 = torch.cat(outs)
-        return (z1.clamp(-1, 1) if is_image(self.sample_shape) else z1), nfe
+        return self._finish(torch.cat(outs)), nfe
 
-    def reference_solve(self, z0: torch.Tensor) -> tuple[torch.Tensor, int, str] | None:
+    def reference_solve(
+        self, z0: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int, str] | None:
         if self.kind == "diffusers":
-            return self.sample(z0, self.settings.teacher_nfe), self.settings.teacher_nfe, self.settings.teacher_solver
+            nfe = self.settings.teacher_nfe
+            return self.sample(z0, nfe, cond), nfe, self.settings.teacher_solver
         adaptive = self.settings.adaptive
         if adaptive is False or (adaptive is None and is_image(self.sample_shape)):
             return None
-        z1, nfe = self._adaptive(z0)
+        z1, nfe = self._adaptive(z0, cond)
         return z1, nfe, "adaptive"
 
-    def diagnostics(self, z0: torch.Tensor) -> dict[str, Any] | None:
+    def diagnostics(self, z0: torch.Tensor, cond: torch.Tensor | None = None) -> dict[str, Any] | None:
         if self.kind != "flow":
             return None
         steps = self.settings.straightness_steps
+        keyword = {"class": "class_labels", "text": "encoder_hidden_states"}.get(self.conditioning)
         sol = sample(
             self.model, z0, steps, "euler", batch_size=self.settings.batch_size, device=self.device,
-            measure_straightness=True,
+            measure_straightness=True, clamp=self.clamp, cond={keyword: cond} if keyword else None,
         )  # fmt: skip
-        _, nfe = self._adaptive(z0)
+        _, nfe = self._adaptive(z0, cond)
         return {
             "straightness": sol.straightness,
             "curvature": sol.curvature,
@@ -242,21 +278,111 @@ def _over_seeds(per_seed: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
-def _fidelity_pairs(settings: EvalSettings, shape: tuple[int, ...]) -> tuple[str, torch.Tensor, torch.Tensor, dict]:
+@dataclass
+class _Heldout:
+    path: str
+    z0: torch.Tensor
+    z1: torch.Tensor
+    provenance: dict[str, Any]
+    cond: torch.Tensor | None  # the rows' class labels or prompt embeddings
+    conditioning: str | None
+
+
+def _fidelity_pairs(settings: EvalSettings, shape: tuple[int, ...]) -> _Heldout:
     from .pairs import PairsReader
 
     reader = PairsReader(settings.heldout, max_rows=settings.num_fidelity)
-    if reader.has_label:
-        raise ReflowError(f"{settings.heldout} holds class-conditional pairs; pass unconditional held-out pairs")
     if tuple(reader.sample_shape) != shape:
         raise ReflowError(
             f"held-out pairs {settings.heldout} hold samples of shape {tuple(reader.sample_shape)}, "
             f"the models make {shape}"
         )
-    z0, z1, _ = reader.batch(torch.arange(len(reader)))
-    if is_image(shape):
+    if reader.conditioning == "text" and not reader.has_embeddings:
+        from .text_teacher import PromptEncoder
+
+        encoder = PromptEncoder((reader.provenance.get("teacher") or {}).get("teacher", ""))
+        reader.attach_prompt_embeddings(encoder(reader.unique_prompts()))
+    z0, z1, cond = reader.batch(torch.arange(len(reader)))
+    if is_image(shape) and reader.conditioning != "text":
         z1 = z1.clamp(-1, 1)
-    return settings.heldout, z0, z1, reader.provenance
+    value = next(iter(cond.values())) if cond else None
+    return _Heldout(settings.heldout, z0, z1, reader.provenance, value, reader.conditioning)
+
+
+def _guidance(path: Path, settings: EvalSettings, heldout: _Heldout | None) -> dict[str, Any]:
+    """The guidance settings a diffusers checkpoint is sampled with: the command line's, else those the
+    held-out pairs were made with (so the teacher row is the teacher the student learned from)."""
+    if not (path / "model_index.json").is_file() or is_flow_pipeline(path):
+        return {}
+    from .models import is_text_pipeline
+
+    text = is_text_pipeline(path)
+    recorded: dict[str, Any] = {}
+    if heldout is not None:
+        teacher = heldout.provenance.get("teacher") or {}
+        recorded = {**(teacher.get("overrides") or {})}
+        for key in ("guidance_scale", "negative_prompt"):
+            if key in teacher:
+                recorded.setdefault(key, teacher[key])
+    given = {"guidance_scale": settings.guidance_scale, "null_label": settings.null_label}
+    given["negative_prompt"] = settings.negative_prompt
+    keys = ("guidance_scale", "negative_prompt") if text else ("guidance_scale", "null_label")
+    out = {}
+    for key in keys:
+        value = given[key] if given[key] is not None else recorded.get(key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _conditions(model: _Model, n: int, heldout: _Heldout | None, source_labels: torch.Tensor | None):
+    """The conditioning of the n quality samples: class labels cycling over the classes (balanced), or the
+    held-out pairs' prompt embeddings cycling over their rows."""
+    if model.conditioning is None:
+        return None
+    if model.conditioning == "class":
+        if heldout is not None and heldout.conditioning == "class":
+            choices = sorted(set(heldout.cond.tolist()))
+        elif source_labels is not None:
+            choices = sorted(set(source_labels.tolist()) & set(model.label_choices))
+        else:
+            choices = list(model.label_choices)
+        return torch.tensor([choices[i % len(choices)] for i in range(n)], dtype=torch.long)
+    if heldout is None or heldout.conditioning != "text":
+        raise ReflowError("a text-to-image model is evaluated on prompts: pass --heldout PAIRS made by its teacher")
+    idx = torch.arange(n) % len(heldout.cond)
+    return heldout.cond[idx]
+
+
+def _per_class(
+    x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor | None, digits: bool
+) -> dict[str, Any]:
+    """Classifier agreement (the bundled digits network, for digits) and W2 to the reference rows of the same
+    class (where the reference is labelled), per requested class and overall."""
+    from .metrics import w2
+
+    out: dict[str, Any] = {}
+    predicted = None
+    if digits:
+        from .features import bundled_digits_net, classify
+
+        predicted = torch.from_numpy(classify(bundled_digits_net(), x))
+        out["agreement"] = float((predicted == labels).double().mean())
+    classes: dict[str, Any] = {}
+    for c in sorted(set(labels.tolist())):
+        mine = labels == c
+        cell: dict[str, float] = {"samples": int(mine.sum())}
+        if predicted is not None:
+            cell["agreement"] = float((predicted[mine] == c).double().mean())
+        if ref_labels is not None and int((ref_labels == c).sum()) >= 2 and int(mine.sum()) >= 2:
+            cell["w2"] = w2(x[mine], ref[ref_labels == c])
+        classes[str(c)] = cell
+    out["classes"] = classes
+    if predicted is not None:
+        out["agreement_min_class"] = min(v["agreement"] for v in classes.values())
+    if classes and all("w2" in v for v in classes.values()):
+        out["w2_class_mean"] = float(np.mean([v["w2"] for v in classes.values()]))
+    return out
 
 
 def _is_pairs(path: str) -> bool:
@@ -306,6 +432,10 @@ def evaluate(
     source = load_source(settings.reference)
     shape = tuple(source.sample_shape)
     ref = source.reference(settings.num_samples).float()
+    ref_labels = source.reference_labels(settings.num_samples)
+    # per-class W2 compares with every labelled row of the class, however few samples the overall W2 uses
+    class_ref = source.data if source.labels is not None else ref
+    class_labels = source.labels
     spaces = _feature_spaces(shape, settings, notes)
     ref_features = {name: extract(ref) for name, extract in spaces.items()}
     if len(ref) * settings.num_samples > settings.w2_max_cells:
@@ -321,53 +451,82 @@ def evaluate(
 
     noise = {s: row_noise(s, range(settings.num_samples), shape) for s in settings.seeds}
     diag_z0 = noise[settings.seeds[0]][: settings.diagnostics_samples]
-    grid_z0 = fidelity[1][:GRID_COLUMNS] if fidelity is not None else noise[settings.seeds[0]][:GRID_COLUMNS]
+    grid_z0 = fidelity.z0[:GRID_COLUMNS] if fidelity is not None else noise[settings.seeds[0]][:GRID_COLUMNS]
     results, pictures = [], {"sample_shape": list(shape), "models": {}}
-    if is_image(shape):
-        pictures["teacher_row"] = fidelity[2][:GRID_COLUMNS].numpy() if fidelity is not None else None
+    latent = fidelity is not None and fidelity.conditioning == "text"
+    if is_image(shape) and not latent:
+        pictures["teacher_row"] = fidelity.z1[:GRID_COLUMNS].numpy() if fidelity is not None else None
     else:
         pictures["reference"] = ref[:SCATTER_POINTS].numpy()
 
     total = len(paths) * (len(settings.nfes) + 2)
     done = 0
+    digits = shape == (1, 8, 8)
     for name, path in zip(names, paths, strict=True):
-        model = _Model(path, settings, device)
+        model = _Model(path, settings, device, _guidance(path, settings, fidelity))
         if model.sample_shape != shape:
             raise ReflowError(
                 f"{path} makes samples of shape {model.sample_shape} but {settings.reference} holds {shape}"
             )
+        if fidelity is not None and model.conditioning != fidelity.conditioning:
+            raise ReflowError(
+                f"{path} is {model.conditioning or 'unconditional'} but the held-out pairs {fidelity.path} are "
+                f"{fidelity.conditioning or 'unconditional'}; pass matching pairs with --heldout"
+            )
+        cond = _conditions(model, settings.num_samples, fidelity, ref_labels)
+        held_cond = fidelity.cond if fidelity is not None else None
+        grid_cond = (
+            held_cond[:GRID_COLUMNS] if held_cond is not None else (cond[:GRID_COLUMNS] if cond is not None else None)
+        )
         entry: dict[str, Any] = {"name": name, "model": str(path), "kind": model.kind, "solver": model.solver}
+        if model.conditioning is not None:
+            entry["conditioning"] = model.conditioning
         entry["nfe"] = {}
         pics: dict[str, Any] = {"rows": {}, "scatter": {}}
         for k in settings.nfes:
             t0 = time.perf_counter()
-            per_seed = []
+            per_seed, per_class = [], []
             for s in settings.seeds:
-                x = model.sample(noise[s], k)
+                x = model.sample(noise[s], k, cond)
                 per_seed.append(_quality(x, ref, ref_features, spaces, settings, s))
+                if model.conditioning == "class":
+                    per_class.append(_per_class(x, cond, class_ref, class_labels, digits))
                 if s == settings.seeds[0] and not is_image(shape):
                     pics["scatter"][str(k)] = x[:SCATTER_POINTS].numpy()
+            if per_class:
+                for d, c in zip(per_seed, per_class, strict=True):
+                    d.update({key: v for key, v in c.items() if key != "classes"})
             cell = _over_seeds(per_seed)
+            if per_class:
+                cell["classes"] = per_class[0]["classes"]  # the first seed's breakdown
             if fidelity is not None:
-                cell["mse_teacher"] = float(((model.sample(fidelity[1], k) - fidelity[2]) ** 2).mean())
+                cell["mse_teacher"] = float(((model.sample(fidelity.z0, k, held_cond) - fidelity.z1) ** 2).mean())
             cell["seconds"] = time.perf_counter() - t0
             entry["nfe"][str(k)] = cell
-            if is_image(shape):
-                pics["rows"][str(k)] = model.sample(grid_z0, k).numpy()
+            if is_image(shape) and not latent:  # latents would need the VAE to be pictures
+                pics["rows"][str(k)] = model.sample(grid_z0, k, grid_cond).numpy()
             done += 1
             report(f"eval {name}", done, total)
         seed = settings.seeds[0]
-        solved = model.reference_solve(noise[seed])
+        solved = model.reference_solve(noise[seed], cond)
         if solved is not None:
             quality = _quality(solved[0], ref, ref_features, spaces, settings, seed)
+            if model.conditioning == "class":
+                quality.update(
+                    {
+                        k: v
+                        for k, v in _per_class(solved[0], cond, class_ref, class_labels, digits).items()
+                        if k != "classes"
+                    }
+                )
             cell = {"solver": solved[2], "nfe": solved[1], "seed": seed, **quality}
             if fidelity is not None:
-                z1 = model.reference_solve(fidelity[1])[0]
-                cell["mse_teacher"] = float(((z1 - fidelity[2]) ** 2).mean())
+                z1 = model.reference_solve(fidelity.z0, held_cond)[0]
+                cell["mse_teacher"] = float(((z1 - fidelity.z1) ** 2).mean())
             entry["reference_solve"] = cell
         done += 1
         report(f"eval {name}", done, total)
-        diag = model.diagnostics(diag_z0)
+        diag = model.diagnostics(diag_z0, cond[: len(diag_z0)] if cond is not None else None)
         if diag is not None:
             entry.update(
                 straightness=diag["straightness"],
@@ -402,7 +561,7 @@ def evaluate(
         },
         "fidelity": None
         if fidelity is None
-        else {"pairs": fidelity[0], "rows": len(fidelity[1]), "teacher": fidelity[3].get("teacher")},
+        else {"pairs": fidelity.path, "rows": len(fidelity.z0), "teacher": fidelity.provenance.get("teacher")},
         "notes": notes,
         "models": results,
     }

@@ -71,10 +71,12 @@ def flow_matching_loss(
     t: torch.Tensor,
     kind: str = "l2",
     huber_c: float | None = None,
+    cond: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Conditional flow matching: E_t || v(x_t, t) - (z1 - z0) ||, averaged over the batch (a scalar)."""
+    """Conditional flow matching: E_t || v(x_t, t) - (z1 - z0) ||, averaged over the batch (a scalar).
+    ``cond``: the model's conditioning keywords (``class_labels`` / ``encoder_hidden_states``), if any."""
     x_t = interpolate(z0, z1, t)
-    return regression_loss(velocity(x_t, t), target_velocity(z0, z1), kind, huber_c).mean()
+    return regression_loss(velocity(x_t, t, **(cond or {})), target_velocity(z0, z1), kind, huber_c).mean()
 
 
 # diffusers' flow-matching convention runs the other way (FlowMatchEulerDiscreteScheduler, DPM-Solver with
@@ -106,11 +108,27 @@ def distillation_loss(
     query: list[float],
     kind: str = "l2",
     huber_c: float | None = None,
+    cond: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """k-step distillation: the k-step Euler solve from z0 over ``nodes`` (velocity read at ``query``
     times, k = len(query)) regressed onto the teacher's z1, averaged over the batch (a scalar)."""
     x = z0
     for i, tq in enumerate(query):
         t = torch.full((x.shape[0],), tq, dtype=torch.float32, device=x.device)
-        x = x + (nodes[i + 1] - nodes[i]) * velocity(x, t)
+        x = x + (nodes[i + 1] - nodes[i]) * velocity(x, t, **(cond or {}))
     return regression_loss(x, z1, kind, huber_c).mean()
+
+
+class Conditioned:
+    """A conditional velocity model with its conditioning bound: ``Conditioned(model, class_labels=y)(x, t)``
+    is ``model(x, t, class_labels=y)``, so solvers that call ``velocity(x, t)`` need not know about it. The
+    model's own Euler grid (``euler_grid``) is kept."""
+
+    def __init__(self, model: Callable[..., torch.Tensor], **cond: torch.Tensor | None):
+        self.model = model
+        self.cond = {k: v for k, v in cond.items() if v is not None}
+        if hasattr(model, "euler_grid"):
+            self.euler_grid = model.euler_grid
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t, **self.cond)

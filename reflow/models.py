@@ -65,7 +65,7 @@ MODEL_CLASSES: dict[str, type[ModelMixin]] = {"MLPVelocity": MLPVelocity}
 
 
 class UNetFlow(nn.Module):
-    """A diffusers ``UNet2DModel`` used as a velocity model, in diffusers' flow-matching convention.
+    """A diffusers UNet used as a velocity model, in diffusers' flow-matching convention.
 
     The UNet sees what a flow-matching scheduler feeds it and predicts what that scheduler expects
     (``reflow.flow.to_diffusers_timestep`` / ``velocity_from_diffusers``):
@@ -76,14 +76,31 @@ class UNetFlow(nn.Module):
     with the same time mapping: the DDPM's timestep T - 1 is its noise end, as (1 - 0) * T is ours.
     ``euler_grid(k)`` is the k-step grid of the exported scheduler, so ``reflow sample --nfe k`` and
     ``pipe(num_inference_steps=k)`` make the same samples from the same noise.
+
+    Conditioning: a ``UNet2DModel`` with ``num_class_embeds`` takes ``class_labels`` (B,) int64; a
+    ``UNet2DConditionModel`` (Stable Diffusion layout) takes ``encoder_hidden_states`` (B, seq, dim), the
+    text encoder's prompt embeddings. ``conditioning`` says which: None, "class" or "text".
     """
 
     def __init__(self, unet: ModelMixin, num_train_timesteps: int = 1000):
         super().__init__()
-        if unet.config.num_class_embeds is not None or unet.config.class_embed_type is not None:
+        config = unet.config
+        self.conditioning: str | None = None
+        self.num_classes: int | None = None
+        if type(unet).__name__ == "UNet2DConditionModel":
+            self.conditioning = "text"
+            if config.class_embed_type is not None or config.addition_embed_type is not None:
+                raise ReflowError(
+                    "this UNet2DConditionModel needs extra conditioning (class_embed_type / addition_embed_type, "
+                    "e.g. SDXL); reflow supports the Stable Diffusion 1.x/2.x layout (text embeddings only)"
+                )
+        elif config.num_class_embeds is not None:
+            self.conditioning = "class"
+            self.num_classes = int(config.num_class_embeds)
+        elif config.class_embed_type is not None:
             raise ReflowError(
-                "this UNet is class-conditional; reflow trains unconditional image students so far "
-                "(train from an unconditional checkpoint)"
+                f"class_embed_type {config.class_embed_type!r} is not supported; only integer class labels "
+                "(num_class_embeds)"
             )
         self.unet = unet
         self.num_train_timesteps = int(num_train_timesteps)
@@ -98,10 +115,28 @@ class UNetFlow(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         from .flow import to_diffusers_timestep, velocity_from_diffusers
 
-        out = self.unet(x, to_diffusers_timestep(t, self.num_train_timesteps)).sample
+        timestep = to_diffusers_timestep(t, self.num_train_timesteps)
+        if self.conditioning == "text":
+            if encoder_hidden_states is None:
+                raise ReflowError("this model is text-conditional: pass prompt embeddings (encoder_hidden_states)")
+            out = self.unet(x, timestep, encoder_hidden_states=encoder_hidden_states.to(x.dtype)).sample
+        elif self.conditioning == "class":
+            if class_labels is None:
+                raise ReflowError(f"this model is class-conditional ({self.num_classes} classes): pass class labels")
+            out = self.unet(x, timestep, class_labels=class_labels).sample
+        else:
+            if class_labels is not None or encoder_hidden_states is not None:
+                raise ReflowError("this model is unconditional; drop the labels / prompts")
+            out = self.unet(x, timestep).sample
         return velocity_from_diffusers(out)
 
     def euler_grid(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,28 +184,47 @@ def default_unet_config(sample_shape: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
-def build_model(sample_shape: tuple[int, ...], config: dict[str, Any] | None = None, **mlp: Any) -> nn.Module:
+def build_model(
+    sample_shape: tuple[int, ...],
+    config: dict[str, Any] | None = None,
+    *,
+    num_classes: int | None = None,
+    embed_shape: tuple[int, int] | None = None,
+    **mlp: Any,
+) -> nn.Module:
     """A fresh velocity model: a UNetFlow for images (C, H, W), an MLPVelocity otherwise.
 
-    ``config`` is a model config (a UNet2DModel or MLPVelocity ``config.json``, e.g. a teacher's
-    ``unet/config.json`` for the same architecture); ``mlp`` are MLPVelocity settings for the default MLP.
+    ``config`` is a model config (a UNet2DModel, UNet2DConditionModel or MLPVelocity ``config.json``, e.g. a
+    teacher's ``unet/config.json`` for the same architecture); ``mlp`` are MLPVelocity settings for the
+    default MLP. ``num_classes`` (class-labelled pairs) gives the default UNet a class embedding;
+    ``embed_shape`` (pairs with prompt embeddings) needs a UNet2DConditionModel ``config`` whose
+    ``cross_attention_dim`` matches.
     """
-    from diffusers import UNet2DModel
+    import diffusers
 
     sample_shape = tuple(sample_shape)
+    if embed_shape is not None and config is None:
+        raise ReflowError(
+            "a fresh text-conditional student needs --model-config (a UNet2DConditionModel config.json); "
+            "or pass --init with the teacher"
+        )
     if config is not None:
         config = dict(config)
         class_name = config.pop("_class_name", "UNet2DModel" if len(sample_shape) == 3 else "MLPVelocity")
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         if class_name == "MLPVelocity":
+            if num_classes is not None or embed_shape is not None:
+                raise ReflowError("an MLPVelocity is unconditional; use a UNet config for conditional pairs")
             config["sample_shape"] = list(sample_shape)
             return MLPVelocity.from_config(config)
-        if class_name != "UNet2DModel":
+        if class_name not in UNET_CLASSES:
             raise ReflowError(f"--model-config names a {class_name}; use a UNet2DModel or MLPVelocity config")
+        if class_name == "UNet2DModel" and num_classes is not None and config.get("num_class_embeds") is None:
+            config["num_class_embeds"] = num_classes
         try:
-            unet = UNet2DModel.from_config(config)
+            unet = getattr(diffusers, class_name).from_config(config)
         except (TypeError, ValueError) as e:
-            raise ReflowError(f"--model-config is not a valid UNet2DModel config: {e}") from None
+            raise ReflowError(f"--model-config is not a valid {class_name} config: {e}") from None
         model = UNetFlow(unet)
         if model.sample_shape != sample_shape:
             raise ReflowError(
@@ -179,19 +233,51 @@ def build_model(sample_shape: tuple[int, ...], config: dict[str, Any] | None = N
             )
         if unet.config.out_channels != unet.config.in_channels:
             raise ReflowError("--model-config must have out_channels equal to in_channels (a velocity has x's shape)")
+        check_conditioning(model, num_classes, embed_shape, "--model-config")
         return model
     if len(sample_shape) == 3:
-        return UNetFlow(UNet2DModel.from_config(default_unet_config(sample_shape)))
+        unet_config = default_unet_config(sample_shape)
+        if num_classes is not None:
+            unet_config["num_class_embeds"] = num_classes
+        return UNetFlow(diffusers.UNet2DModel.from_config(unet_config))
+    if num_classes is not None:
+        raise ReflowError("class-labelled pairs need an image model (C, H, W); 1-D samples train an unconditional MLP")
     return MLPVelocity(sample_shape=list(sample_shape), **mlp)
 
 
+def check_conditioning(
+    model: nn.Module, num_classes: int | None, embed_shape: tuple[int, int] | None, what: str = "the model"
+) -> None:
+    """That a model takes the conditioning its pairs carry: class labels 0..num_classes-1, or prompt
+    embeddings of shape ``embed_shape`` (seq, dim); one line naming the mismatch otherwise."""
+    kind = getattr(model, "conditioning", None)
+    want = "class" if num_classes is not None else "text" if embed_shape is not None else None
+    if kind != want:
+        names = {None: "unconditional", "class": "class-conditional", "text": "text-conditional"}
+        raise ReflowError(f"{what} is {names[kind]} but the pairs are {names[want]}; pick a matching model")
+    if want == "class" and num_classes > model.num_classes:
+        top = num_classes - 1
+        raise ReflowError(f"{what} has {model.num_classes} class embeddings; the pairs use labels up to {top}")
+    if want == "text":
+        dim = model.unet.config.cross_attention_dim
+        if dim != embed_shape[-1]:
+            raise ReflowError(
+                f"{what} attends to {dim}-d text embeddings; the pairs hold {embed_shape[-1]}-d prompt embeddings"
+            )
+
+
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
 def load_unet(unet_dir: Path, *, allow_pickle: bool = False) -> ModelMixin:
-    """A ``UNet2DModel`` from a folder: safetensors unless ``allow_pickle``; never custom code."""
-    from diffusers import UNet2DModel
+    """A ``UNet2DModel`` or ``UNet2DConditionModel`` from a folder: safetensors unless ``allow_pickle``;
+    never custom code."""
+    import diffusers
 
     config = _read_config(unet_dir / "config.json")
-    if config.get("_class_name") != "UNet2DModel":
-        raise ReflowError(f"{unet_dir} holds a {config.get('_class_name')}; only UNet2DModel is supported")
+    class_name = config.get("_class_name")
+    if class_name not in UNET_CLASSES:
+        raise ReflowError(f"{unet_dir} holds a {class_name}; only {' and '.join(UNET_CLASSES)} are supported")
     has_safetensors = any(unet_dir.glob("*.safetensors"))
     has_pickle = any(unet_dir.glob("*.bin"))
     if not has_safetensors and not has_pickle:
@@ -199,7 +285,9 @@ def load_unet(unet_dir: Path, *, allow_pickle: bool = False) -> ModelMixin:
     if not has_safetensors and not allow_pickle:
         raise ReflowError(f"{unet_dir} has only pickle (.bin) weights; pass --allow-pickle to load weights you trust")
     try:
-        return UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=has_safetensors, local_files_only=True)
+        return getattr(diffusers, class_name).from_pretrained(
+            str(unet_dir), use_safetensors=has_safetensors, local_files_only=True
+        )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ReflowError(f"could not load the UNet from {unet_dir}: {first}") from None
@@ -215,6 +303,14 @@ def _read_config(file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReflowError(f"{file} is not a JSON object; re-save the model")
     return data
+
+
+def is_text_pipeline(path: str | Path) -> bool:
+    """Whether a diffusers pipeline folder is text-to-image (its UNet is a UNet2DConditionModel)."""
+    file = Path(path) / "unet" / "config.json"
+    if not (Path(path) / "model_index.json").is_file() or not file.is_file():
+        return False
+    return _read_config(file).get("_class_name") == "UNet2DConditionModel"
 
 
 def is_flow_pipeline(path: str | Path) -> bool:

@@ -14,6 +14,7 @@ round-robin, so one process or many write the same rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -37,20 +38,36 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SHARD_BYTES = 64 * 2**20
 
 
-def pair_features(sample_shape: tuple[int, ...], dtype: str, labels: bool = False):
-    """Fixed-shape ``datasets`` features for z0/z1 so ``with_format('torch')`` returns stacked tensors,
-    plus ``index`` and, for class-conditional teachers, ``label``."""
+def _array_feature(shape: tuple[int, ...], dtype: str):
     import datasets
 
-    if len(sample_shape) == 1:
-        array = datasets.Sequence(datasets.Value(dtype), length=sample_shape[0])
-    elif 2 <= len(sample_shape) <= 5:
-        array = getattr(datasets, f"Array{len(sample_shape)}D")(shape=tuple(sample_shape), dtype=dtype)
-    else:
-        raise ReflowError(f"samples of shape {sample_shape} are not supported (1 to 5 dimensions)")
+    if len(shape) == 1:
+        return datasets.Sequence(datasets.Value(dtype), length=shape[0])
+    if 2 <= len(shape) <= 5:
+        return getattr(datasets, f"Array{len(shape)}D")(shape=tuple(shape), dtype=dtype)
+    raise ReflowError(f"samples of shape {shape} are not supported (1 to 5 dimensions)")
+
+
+def pair_features(
+    sample_shape: tuple[int, ...],
+    dtype: str,
+    labels: bool = False,
+    prompts: bool = False,
+    embed_shape: tuple[int, int] | None = None,
+):
+    """Fixed-shape ``datasets`` features for z0/z1 so ``with_format('torch')`` returns stacked tensors,
+    plus ``index``; for class-conditional teachers ``label``; for text teachers ``prompt`` and, when
+    ``embed_shape`` is given, ``prompt_embeds`` (the text encoder's output for the prompt)."""
+    import datasets
+
+    array = _array_feature(tuple(sample_shape), dtype)
     columns = {"z0": array, "z1": array, "index": datasets.Value("int64")}
     if labels:
         columns["label"] = datasets.Value("int64")
+    if prompts:
+        columns["prompt"] = datasets.Value("string")
+        if embed_shape is not None:
+            columns["prompt_embeds"] = _array_feature(tuple(embed_shape), dtype)
     return datasets.Features(columns)
 
 
@@ -105,6 +122,8 @@ def generate_pairs(
     shard_size: int | None = None,
     round_: int = 1,
     labels: list[int] | None = None,
+    prompts: list[str] | None = None,
+    store_embeddings: bool = True,
     push_to_hub: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
@@ -112,6 +131,9 @@ def generate_pairs(
 
     A class-conditional teacher (``teacher.num_classes`` set) gets a label per row, uniform over
     ``labels`` (default: every class) and a function of (seed, row) alone; it is stored in ``label``.
+    A text-to-image teacher (``teacher.conditioning == "text"``) takes ``prompts``: row i gets prompt
+    ``i mod len(prompts)``, stored in ``prompt``, with its embeddings in ``prompt_embeds`` unless
+    ``store_embeddings`` is False (then training recomputes them with the teacher's text encoder).
     ``push_to_hub`` names a Hub dataset repo to upload the finished pairs to.
 
     ``progress(done_rows, total_rows)`` is called on this process as rows finish. Returns ``out``.
@@ -135,10 +157,23 @@ def generate_pairs(
     if num_classes is None and labels:
         raise ReflowError("--labels needs a class-conditional teacher; this one is unconditional")
     if num_classes is not None:
-        labels = sorted(set(labels)) if labels else list(range(num_classes))
-        bad = [c for c in labels if not 0 <= c < num_classes]
+        choices = list(getattr(teacher, "label_choices", None) or range(num_classes))
+        labels = sorted(set(labels)) if labels else choices
+        bad = [c for c in labels if c not in choices]
         if bad:
-            raise ReflowError(f"--labels {bad} out of range: this teacher has classes 0..{num_classes - 1}")
+            null = sorted(set(range(num_classes)) - set(choices))
+            also = f" (class {null[0]} is its unconditional label)" if null else ""
+            raise ReflowError(f"--labels {bad} out of range: this teacher has classes 0..{num_classes - 1}{also}")
+    text = getattr(teacher, "conditioning", None) == "text"
+    if text:
+        if not prompts:
+            raise ReflowError("a text-to-image teacher needs prompts: pass --prompts FILE (one per line)")
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad:
+            raise ReflowError(f"prompts must be strings; entry {bad[0]} is {type(prompts[bad[0]]).__name__}")
+    elif prompts:
+        raise ReflowError("--prompts needs a text-to-image teacher (a Stable Diffusion folder); this one takes none")
+    embed_shape = tuple(teacher.embed_shape) if text and store_embeddings else None
     shard_size = shard_size or default_shard_size(shape, dtype, batch_size)
     settings = {
         "teacher": teacher.describe(),
@@ -150,6 +185,14 @@ def generate_pairs(
         "round": round_,
         "labels": labels if num_classes is not None else None,
     }
+    if text:  # only for text teachers, so unconditional runs keep their recorded settings
+        settings["prompts"] = {
+            "count": len(prompts),
+            "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+            "rule": "row i: prompt i mod count",
+        }
+        settings["embed_shape"] = list(teacher.embed_shape)
+        settings["store_embeddings"] = bool(store_embeddings)
     provenance = {**settings, "reflow_version": __version__}
     state = partial_state()
 
@@ -182,7 +225,7 @@ def generate_pairs(
     if not state.is_main_process:
         same_settings(json.loads(run_file.read_text()), work)
 
-    features = pair_features(shape, dtype, labels=num_classes is not None)
+    features = pair_features(shape, dtype, labels=num_classes is not None, prompts=text, embed_shape=embed_shape)
     num_shards = math.ceil(num_pairs / shard_size)
     mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
     todo = [k for k in mine if not _shard_dir(work, k).is_dir()]
@@ -210,9 +253,15 @@ def generate_pairs(
     ]
 
     def draw(idx: range):
-        """(z0, y) for the rows, and the copies handed to the teacher (pinned on CUDA)."""
+        """(z0, y) for the rows, and the copies handed to the teacher (pinned on CUDA); y is the rows'
+        labels (class teachers) or prompt embeddings (text teachers, encoded here, off the teacher's path)."""
         z0 = row_noise(seed, idx, shape)
-        y = row_labels(seed, idx, labels) if num_classes is not None else None
+        if num_classes is not None:
+            y = row_labels(seed, idx, labels)
+        elif text:
+            y = teacher.encode_prompts([prompts[i % len(prompts)] for i in idx])
+        else:
+            y = None
         if not on_cuda:
             return z0, y, z0, y
         return z0, y, z0.pin_memory(), (y.pin_memory() if y is not None else None)
@@ -232,7 +281,7 @@ def generate_pairs(
             z0_parts.append(z0.to(store_dtype).numpy())
             z1_parts.append(z1.to(store_dtype).numpy())
             if y is not None:
-                label_parts.append(y.numpy())
+                label_parts.append(y.to(store_dtype).numpy() if text else y.numpy())
             done_rows += len(idx)
             if progress:
                 progress(done_rows, total_rows)
@@ -245,7 +294,11 @@ def generate_pairs(
                     "z1": np.concatenate(z1_parts),
                     "index": np.arange(start, stop, dtype=np.int64),
                 }
-                if label_parts:
+                if text:
+                    columns["prompt"] = [prompts[i % len(prompts)] for i in range(start, stop)]
+                    if store_embeddings:
+                        columns["prompt_embeds"] = np.concatenate(label_parts)
+                elif label_parts:
                     columns["label"] = np.concatenate(label_parts)
                 pending = writer.submit(_write_shard, _shard_dir(work, k), columns, features)
                 z0_parts, z1_parts, label_parts = [], [], []
@@ -312,6 +365,17 @@ class Pairs:
     index: torch.Tensor
     provenance: dict[str, Any]
     label: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    prompt: list[str] | None = None
+
+    @property
+    def cond(self) -> dict[str, torch.Tensor]:
+        """The rows' conditioning as the model's keywords (see ``PairsReader.batch``)."""
+        if self.label is not None:
+            return {"class_labels": self.label}
+        if self.prompt_embeds is not None:
+            return {"encoder_hidden_states": self.prompt_embeds}
+        return {}
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -367,8 +431,16 @@ def load_pairs(path: str | Path) -> Pairs:
         raise ReflowError(f"{path} holds NaN or inf values; regenerate it")
     index = np.asarray(cols["index"]) if "index" in ds.column_names else np.arange(len(ds))
     label = torch.from_numpy(np.asarray(cols["label"], dtype=np.int64)) if "label" in cols else None
+    embeds = torch.from_numpy(np.asarray(cols["prompt_embeds"], dtype=np.float32)) if "prompt_embeds" in cols else None
+    prompt = [str(x) for x in cols["prompt"]] if "prompt" in cols else None
     return Pairs(
-        torch.from_numpy(z0), torch.from_numpy(z1), torch.from_numpy(index.astype(np.int64)), provenance, label
+        torch.from_numpy(z0),
+        torch.from_numpy(z1),
+        torch.from_numpy(index.astype(np.int64)),
+        provenance,
+        label,
+        embeds,
+        prompt,
     )
 
 
@@ -381,7 +453,10 @@ class PairsReader:
     ragged rows) fall back to datasets' own row access.
 
     ``max_rows`` keeps the first rows only (``--max-pairs``). ``batch(idx)`` returns float32 CPU tensors
-    (z0, z1, label or None) for row indices ``idx`` in order.
+    (z0, z1) and the rows' conditioning as the model's keywords: ``{"class_labels": (B,) int64}`` for
+    class-labelled pairs, ``{"encoder_hidden_states": (B, seq, dim) float32}`` for text pairs, ``{}``
+    otherwise. Text pairs stored without embeddings (prompts only) need ``attach_prompt_embeddings``
+    first, with the embeddings of ``unique_prompts()``.
     """
 
     def __init__(self, path: str | Path, max_rows: int | None = None):
@@ -391,16 +466,34 @@ class PairsReader:
             raise ReflowError(f"--max-pairs must be at least 1, got {max_rows}")
         self.rows = len(ds) if max_rows is None else min(max_rows, len(ds))
         self.has_label = "label" in ds.column_names
+        self.has_embeddings = "prompt_embeds" in ds.column_names
+        self.conditioning = "class" if self.has_label else "text" if "prompt" in ds.column_names else None
         self._ds = ds.with_format("numpy")
         first = self._ds[0]
         z0, z1 = np.asarray(first["z0"]), np.asarray(first["z1"])
         if z0.shape != z1.shape or z0.ndim < 1:
             raise ReflowError(f"{path}: z0 rows have shape {z0.shape} but z1 rows {z1.shape}; they must match")
         self.sample_shape = tuple(z0.shape)
+        self.num_classes: int | None = None
+        self.embed_shape: tuple[int, int] | None = None
+        self._labels = np.asarray(self._ds["label"], dtype=np.int64) if self.has_label else None
+        if self._labels is not None:
+            recorded = (self.provenance.get("teacher") or {}).get("num_classes")
+            self.num_classes = int(recorded) if recorded else int(self._labels.max()) + 1
+        if self.conditioning == "text":
+            if self.has_embeddings:
+                self.embed_shape = tuple(np.asarray(first["prompt_embeds"]).shape)
+            elif self.provenance.get("embed_shape"):
+                self.embed_shape = tuple(self.provenance["embed_shape"])
+            else:
+                raise ReflowError(f"{path} holds prompts without embeddings and no recorded embed_shape; regenerate")
+        self._prompt_ids: np.ndarray | None = None
+        self._prompt_table: torch.Tensor | None = None
+        columns = ("z0", "z1", "prompt_embeds") if self.has_embeddings else ("z0", "z1")
         self._views = None
         if ds._indices is None:
             try:
-                self._views = {c: _chunk_views(ds.data.column(c), self.sample_shape) for c in ("z0", "z1")}
+                self._views = {c: _chunk_views(ds.data.column(c), tuple(np.asarray(first[c]).shape)) for c in columns}
                 starts = np.cumsum([0] + [len(v) for v in self._views["z0"]])
                 self._starts = starts
             except _NotViewable:
@@ -409,33 +502,66 @@ class PairsReader:
     def __len__(self) -> int:
         return self.rows
 
+    def unique_prompts(self) -> list[str]:
+        """The distinct prompts of text pairs, in first-seen order (``attach_prompt_embeddings`` takes
+        their embeddings in this order)."""
+        if self.conditioning != "text":
+            raise ReflowError(f"{self.path} holds no prompts")
+        column = [str(p) for p in self._ds["prompt"]]
+        unique: dict[str, int] = {}
+        self._prompt_ids = np.array([unique.setdefault(p, len(unique)) for p in column], dtype=np.int64)
+        return list(unique)
+
+    def attach_prompt_embeddings(self, table: torch.Tensor) -> None:
+        """Use ``table[j]`` (the embeddings of ``unique_prompts()[j]``) for every row with that prompt."""
+        if self._prompt_ids is None:
+            self.unique_prompts()
+        want = int(self._prompt_ids.max()) + 1
+        if len(table) != want or tuple(table.shape[1:]) != tuple(self.embed_shape):
+            raise ReflowError(
+                f"prompt embeddings of shape {tuple(table.shape)} for {want} prompts of shape {self.embed_shape}"
+            )
+        self._prompt_table = table.float().cpu()
+
     def _gather(self, column: str, idx: np.ndarray) -> np.ndarray:
         views = self._views[column]
         chunk = np.searchsorted(self._starts, idx, side="right") - 1
-        out = np.empty((len(idx), *self.sample_shape), dtype=np.float32)
+        out = np.empty((len(idx), *views[0].shape[1:]), dtype=np.float32)
         for c in np.unique(chunk):
             sel = chunk == c
             out[sel] = views[c][idx[sel] - self._starts[c]]
         return out
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         rows = idx.numpy()
+        cond: dict[str, torch.Tensor] = {}
+        embeds = None
         if self._views is not None:
             z0, z1 = self._gather("z0", rows), self._gather("z1", rows)
-            label = None
-            if self.has_label:
-                label = np.asarray(self._ds[rows.tolist()]["label"], dtype=np.int64)
+            if self.has_embeddings:
+                embeds = self._gather("prompt_embeds", rows)
         else:
+            columns = ["z0", "z1", *(["prompt_embeds"] if self.has_embeddings else [])]
             try:
-                got = self._ds[rows.tolist()]
+                got = self._ds.select_columns(columns)[rows.tolist()]
                 z0 = np.asarray(got["z0"], dtype=np.float32)
                 z1 = np.asarray(got["z1"], dtype=np.float32)
+                if self.has_embeddings:
+                    embeds = np.asarray(got["prompt_embeds"], dtype=np.float32)
             except (ValueError, TypeError):
                 raise ReflowError(f"{self.path}: z0/z1 rows have different shapes; pairs need one shape") from None
             if z0.shape[1:] != self.sample_shape or z1.shape != z0.shape:
                 raise ReflowError(f"{self.path}: rows of shape {tuple(z0.shape[1:])} among {self.sample_shape}")
-            label = np.asarray(got["label"], dtype=np.int64) if self.has_label else None
-        return torch.from_numpy(z0), torch.from_numpy(z1), None if label is None else torch.from_numpy(label)
+        if self._labels is not None:
+            cond["class_labels"] = torch.from_numpy(self._labels[rows])
+        if self.conditioning == "text":
+            if embeds is not None:
+                cond["encoder_hidden_states"] = torch.from_numpy(embeds)
+            elif self._prompt_table is not None:
+                cond["encoder_hidden_states"] = self._prompt_table[torch.from_numpy(self._prompt_ids[rows])]
+            else:
+                raise ReflowError(f"{self.path} stores prompts only; attach their embeddings first")
+        return torch.from_numpy(z0), torch.from_numpy(z1), cond
 
 
 class _NotViewable(Exception):
@@ -515,6 +641,9 @@ def verify_pairs(
         chunk = z0[b : b + batch_size]
         if "label" in sub:
             outs.append(teacher(chunk, sub["label"][b : b + batch_size]).float().cpu())
+        elif "prompt" in sub:
+            embeds = teacher.encode_prompts(list(sub["prompt"][b : b + batch_size]))
+            outs.append(teacher(chunk, embeds).float().cpu())
         else:
             outs.append(teacher(chunk).float().cpu())
     z1 = torch.cat(outs).to(DTYPES[prov["dtype"]]).float()

@@ -21,6 +21,9 @@ LABELS = {
     "fd_inception": "FID (Inception)",
     "kid_inception": "KID (Inception)",
     "mse_teacher": "MSE to teacher",
+    "agreement": "classifier agreement with the label",
+    "agreement_min_class": "classifier agreement, worst class",
+    "w2_class_mean": "W2 to data of the same class (mean over classes)",
 }
 
 

@@ -50,8 +50,9 @@ Progress = Callable[..., None]
 """``progress(stage, done, total, info="")``."""
 
 _TOP = {"rounds", "seed", "teacher", "pairs", "train", "distill", "eval", "name"}
-_TEACHER = {"data", "checkpoint", "solver", "nfe"}
-_PAIRS = {"num_pairs", "solver", "nfe", "heldout", "batch_size", "dtype"}
+_TEACHER = {"data", "checkpoint", "solver", "nfe", "guidance_scale", "null_label", "negative_prompt"}
+_GUIDANCE = ("guidance_scale", "null_label", "negative_prompt")  # the starting checkpoint's only
+_PAIRS = {"num_pairs", "solver", "nfe", "heldout", "batch_size", "dtype", "labels", "prompts", "store_embeddings"}
 _DISTILL = {"k", "max_steps", "batch_size", "lr", "loss", "time_sampler", "ema_decay", "warmup_steps", "seed"}
 
 
@@ -233,8 +234,16 @@ def run_rounds(
     start = recipe.teacher
     heldout: Path | None = None
 
+    prompts = None
+    if pairs_cfg.get("prompts") is not None:
+        from .prompts import read_prompts
+
+        prompts = read_prompts(pairs_cfg["prompts"])
+
     def pairs_of(teacher_path: str, solver: str, nfe: int, dest: Path, n: int, seed: int, round_: int) -> None:
-        teacher = load_teacher(teacher_path, nfe=nfe, solver=solver, device=device)
+        # guidance is the starting checkpoint's; a student of ours has it baked in
+        guidance = {k: start[k] for k in _GUIDANCE if k in start} if teacher_path == start.get("checkpoint") else {}
+        teacher = load_teacher(teacher_path, nfe=nfe, solver=solver, device=device, **guidance)
         generate_pairs(
             teacher,
             dest,
@@ -243,6 +252,9 @@ def run_rounds(
             batch_size=int(pairs_cfg["batch_size"]),
             dtype=str(pairs_cfg.get("dtype", "float32")),
             round_=round_,
+            labels=pairs_cfg.get("labels"),
+            prompts=prompts,
+            store_embeddings=bool(pairs_cfg.get("store_embeddings", True)),
             progress=lambda d, t: note(f"{dest.parent.name}/{dest.name}", d, t),
         )
 

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from .errors import ReflowError
+from .flow import Conditioned
 from .models import load_model
 from .solvers import SOLVERS, solve
 
@@ -47,7 +48,12 @@ def weights_hash(folder: Path) -> str:
 
 
 class FlowTeacher:
-    """One of our own flow models, solved from t = 0 to 1 with a fixed-grid or adaptive solver."""
+    """One of our own flow models, solved from t = 0 to 1 with a fixed-grid or adaptive solver.
+
+    A conditional student teaches conditionally: ``__call__(z0, y)`` with y the class labels (B,) of a
+    class-conditional model or the prompt embeddings (B, seq, dim) of a text-to-image one
+    (``encode_prompts`` runs the text encoder stored in its folder, on the CPU).
+    """
 
     def __init__(
         self,
@@ -62,15 +68,40 @@ class FlowTeacher:
         if nfe < 1:
             raise ReflowError(f"--nfe must be at least 1, got {nfe}")
         self.path = Path(path)
+        self.allow_pickle = allow_pickle
         self.model = load_model(self.path, allow_pickle=allow_pickle).to(device).eval()
         self.model.requires_grad_(False)
         self.sample_shape = tuple(self.model.sample_shape)
         self.device = torch.device(device)
         self.nfe = nfe
         self.solver = solver
+        self.conditioning = getattr(self.model, "conditioning", None)
+        self.num_classes = getattr(self.model, "num_classes", None)
+        self.label_choices = None
+        if self.num_classes is not None:
+            null = _read_index(self.path).get("_reflow_null_class")
+            self.label_choices = [c for c in range(self.num_classes) if c != null]
+        self._encoder = None
+        if self.conditioning == "text":
+            self.embed_shape = (
+                int(self._prompt_encoder().max_length),
+                int(self.model.unet.config.cross_attention_dim),
+            )
+
+    def _prompt_encoder(self):
+        if self._encoder is None:
+            from .text_teacher import PromptEncoder
+
+            self._encoder = PromptEncoder(self.path, allow_pickle=self.allow_pickle)
+        return self._encoder
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        if self.conditioning != "text":
+            raise ReflowError(f"{self.path} is not a text-to-image model; it takes no prompts")
+        return self._prompt_encoder()(prompts)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": "flow",
             "teacher": str(self.path.resolve()),
             "config_hash": config_hash(self.path),
@@ -78,10 +109,36 @@ class FlowTeacher:
             "solver": self.solver,
             "nfe": self.nfe if self.solver != "adaptive" else "adaptive",
         }
+        if self.conditioning is not None:  # absent for unconditional teachers: their records stay as they were
+            out["conditioning"] = self.conditioning
+            out["num_classes"] = self.num_classes
+            nulls = sorted(set(range(self.num_classes)) - set(self.label_choices)) if self.num_classes else []
+            if nulls:
+                out["null_label"] = nulls[0]
+        return out
 
     @torch.inference_mode()
-    def __call__(self, z0: torch.Tensor) -> torch.Tensor:
-        return solve(self.model, z0.to(self.device), self.nfe, self.solver).z1
+    def __call__(self, z0: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        velocity = self.model
+        if self.conditioning == "class":
+            if y is None:
+                raise ReflowError(f"{self.path} is class-conditional: pass labels")
+            velocity = Conditioned(self.model, class_labels=torch.as_tensor(y).to(self.device, torch.long))
+        elif self.conditioning == "text":
+            if y is None:
+                raise ReflowError(f"{self.path} is text-conditional: pass prompt embeddings")
+            velocity = Conditioned(self.model, encoder_hidden_states=y.to(self.device))
+        elif y is not None:
+            raise ReflowError(f"{self.path} is unconditional; drop the labels / prompts")
+        return solve(velocity, z0.to(self.device), self.nfe, self.solver).z1
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    file = path / "model_index.json"
+    try:
+        return json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def load_teacher(
@@ -104,8 +161,20 @@ def load_teacher(
     from .models import is_flow_pipeline
 
     if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
+        from .models import is_text_pipeline
+
+        if is_text_pipeline(path):
+            from .text_teacher import TextToImageTeacher
+
+            if "null_label" in overrides:
+                raise ReflowError("--null-label applies to class-conditional teachers; drop it for a text-to-image one")
+            return TextToImageTeacher(
+                path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle, **overrides
+            )
         from .diffusers_teacher import DiffusersTeacher
 
+        if "negative_prompt" in overrides:
+            raise ReflowError("--negative-prompt applies to text-to-image teachers; drop it")
         return DiffusersTeacher(path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle, **overrides)
     if overrides:
         names = ", ".join(sorted(overrides))

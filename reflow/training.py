@@ -30,7 +30,7 @@ from .data import load_source
 from .errors import ReflowError
 from .flow import LOSSES, distillation_loss, flow_matching_loss
 from .io import atomic_dir, atomic_write_json, atomic_write_text
-from .models import build_model, init_model, model_card
+from .models import build_model, check_conditioning, init_model, model_card
 from .pairs import PairsReader
 from .runtime import use_cpu
 from .solvers import time_grid
@@ -176,6 +176,19 @@ def _tracker_config(config: TrainConfig) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(config).items()}
 
 
+def _attach_prompt_embeddings(pairs: PairsReader, allow_pickle: bool) -> None:
+    """Text pairs stored as prompts only: encode each distinct prompt once with the teacher's text encoder
+    (on the CPU), keep the table, and free the encoder before the UNet is built."""
+    from .text_teacher import PromptEncoder
+
+    teacher = (pairs.provenance.get("teacher") or {}).get("teacher")
+    if not teacher:
+        raise ReflowError(f"{pairs.path} stores prompts only and records no teacher; regenerate with embeddings")
+    encoder = PromptEncoder(teacher, allow_pickle=allow_pickle)
+    pairs.attach_prompt_embeddings(encoder(pairs.unique_prompts()))
+    del encoder
+
+
 def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     """Train a velocity model by conditional flow matching (or k-step distillation when
     ``config.distill_k``) and write it (EMA weights) to ``config.out``: a diffusers pipeline folder for an
@@ -206,6 +219,9 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         pairs = PairsReader(config.pairs, max_rows=config.max_pairs)
         sample_shape = pairs.sample_shape
 
+    if pairs is not None and pairs.conditioning == "text" and not pairs.has_embeddings:
+        _attach_prompt_embeddings(pairs, config.allow_pickle)
+
     set_seed(config.seed)  # before the model is built: a fresh model's init depends on it
     if config.init is not None:
         model = init_model(config.init, allow_pickle=config.allow_pickle)
@@ -213,6 +229,10 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
             raise ReflowError(
                 f"--init model takes samples of shape {tuple(model.sample_shape)}, the data has {sample_shape}"
             )
+        if pairs is not None:
+            check_conditioning(model, pairs.num_classes, pairs.embed_shape, f"--init {config.init}")
+        elif getattr(model, "conditioning", None) is not None:
+            raise ReflowError(f"--init {config.init} is conditional; training from --data is unconditional")
     else:
         model_config = None
         if config.model_config is not None:
@@ -224,6 +244,8 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         model = build_model(
             sample_shape,
             model_config,
+            num_classes=pairs.num_classes if pairs is not None else None,
+            embed_shape=pairs.embed_shape if pairs is not None else None,
             hidden_dim=config.hidden_dim,
             num_layers=config.num_layers,
             time_embed_dim=config.time_embed_dim,
@@ -298,18 +320,24 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     device = accelerator.device
     pin = device.type == "cuda"
 
-    def draw(at: int) -> tuple[torch.Tensor, ...]:
-        """This process's micro-batches of step ``at``: (z0, z1, t), each (micro, local, ...)."""
+    def draw(at: int) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        """This process's micro-batches of step ``at``: (z0, z1, t), each (micro, local, ...), and the
+        conditioning keywords, each (micro, local, ...)."""
         g = _step_generator(config.seed, at)
+        cond: dict[str, torch.Tensor] = {}
         if pairs is not None:
-            z0, z1, _ = pairs.batch(torch.randint(0, len(pairs), (config.batch_size,), generator=g))
+            z0, z1, cond = pairs.batch(torch.randint(0, len(pairs), (config.batch_size,), generator=g))
         else:
             z1 = source.sample(config.batch_size, g)
             z0 = torch.randn(config.batch_size, *sample_shape, generator=g)
         t = sample_time(config.batch_size, config.time_sampler, generator=g)
         mine = slice(rank * micro * local, (rank + 1) * micro * local)
-        parts = [x[mine].reshape(micro, local, *x.shape[1:]) for x in (z0, z1, t)]
-        return tuple(x.pin_memory() if pin else x for x in parts)
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            x = x[mine].reshape(micro, local, *x.shape[1:])
+            return x.pin_memory() if pin else x
+
+        return tuple(split(x) for x in (z0, z1, t)), {k: split(v) for k, v in cond.items()}
 
     def check(loss: torch.Tensor, at: int) -> float:
         value = accelerator.reduce(loss, "mean").item()
@@ -326,19 +354,20 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     with ThreadPoolExecutor(max_workers=1) as prefetch:
         upcoming = prefetch.submit(draw, step) if step < config.max_steps else None
         while step < config.max_steps:
-            z0s, z1s, ts = upcoming.result()
+            (z0s, z1s, ts), conds = upcoming.result()
             if step + 1 < config.max_steps:
                 upcoming = prefetch.submit(draw, step + 1)
             for m in range(micro):
                 z0 = z0s[m].to(device, non_blocking=True)
                 z1 = z1s[m].to(device, non_blocking=True)
+                cond = {k: v[m].to(device, non_blocking=True) for k, v in conds.items()}
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         if grid is None:
                             t = ts[m].to(device, non_blocking=True)
-                            loss = flow_matching_loss(model, z0, z1, t, config.loss, config.huber_c)
+                            loss = flow_matching_loss(model, z0, z1, t, config.loss, config.huber_c, cond)
                         else:
-                            loss = distillation_loss(model, z0, z1, *grid, config.loss, config.huber_c)
+                            loss = distillation_loss(model, z0, z1, *grid, config.loss, config.huber_c, cond)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.grad_clip > 0:
                         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -385,7 +414,10 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
             "weights": "EMA",
         }
         with atomic_dir(out) as tmp:
-            save_student(final, tmp)
+            teacher = (pairs.provenance.get("teacher") or {}) if pairs is not None else {}
+            # the VAE / text encoder of the pairs' teacher; its unconditional class, if it had one
+            components = teacher.get("teacher") if getattr(final, "conditioning", None) == "text" else None
+            save_student(final, tmp, components=components, null_label=teacher.get("null_label"))
             atomic_write_text(tmp / "README.md", model_card(f"reflow velocity model {out.name}", provenance))
         shutil.rmtree(checkpoint_root(out), ignore_errors=True)
     accelerator.wait_for_everyone()

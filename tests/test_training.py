@@ -184,7 +184,7 @@ def test_pairs_reader_gathers_exactly_the_stored_rows(tiny_flow, tmp_path):
     reader = PairsReader(pairs)
     assert reader._views is not None and len(reader._views["z0"]) > 1  # several Arrow chunks, viewed in place
     idx = torch.tensor([99, 0, 31, 32, 64, 5, 5])
-    z0, z1, label = reader.batch(idx)
+    z0, z1, cond = reader.batch(idx)
     np.testing.assert_array_equal(z0.numpy(), stored[idx.tolist()]["z0"])
     np.testing.assert_array_equal(z1.numpy(), stored[idx.tolist()]["z1"])
-    assert label is None and len(PairsReader(pairs, max_rows=10)) == 10
+    assert cond == {} and len(PairsReader(pairs, max_rows=10)) == 10

@@ -1,0 +1,228 @@
+"""Class-conditional end to end: guided teacher pairs against a plain diffusers loop, conditional training
+and distillation, the exported pipeline in diffusers, `reflow sample --labels`, per-class eval, round 2."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from reflow.cli.app import app
+from reflow.pipelines.class_conditional import ReflowClassConditionalPipeline
+from typer.testing import CliRunner
+
+from reflow.diffusers_teacher import DiffusersTeacher
+from reflow.errors import ReflowError
+from reflow.models import load_model
+from reflow.noise import row_labels, row_noise
+from reflow.pairs import PairsReader, load_pairs
+from reflow.sampling import sample
+from reflow.teachers import load_teacher
+
+runner = CliRunner()
+NULL = 3  # classes 0, 1, 2 and the unconditional label 3
+
+
+def invoke(*args):
+    r = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_class_unet(seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=NULL + 1,
+    ).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(5.0)
+        unet.class_embedding.weight.mul_(3.0)  # labels must matter
+    return unet
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cond") / "teacher"
+    DDPMPipeline(unet=tiny_class_unet(), scheduler=DDPMScheduler(clip_sample=True)).save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_reflow_null_class"] = NULL
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@torch.no_grad()
+def guided_ddim(folder, z0, labels, nfe, w):
+    """Classifier-free guided DDIM (eta 0) written out independently of reflow."""
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    scheduler.set_timesteps(nfe)
+    x = z0 * scheduler.init_noise_sigma
+    null = torch.full_like(labels, NULL)
+    for t in scheduler.timesteps:
+        eps_c = unet(x, t, class_labels=labels).sample
+        eps_u = unet(x, t, class_labels=null).sample
+        x = scheduler.step(eps_u + w * (eps_c - eps_u), t, x, eta=0.0).prev_sample
+    return x
+
+
+def test_guided_teacher_matches_a_plain_guided_loop(teacher_dir):
+    z0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 1])
+    teacher = DiffusersTeacher(teacher_dir, nfe=5, guidance_scale=2.5)
+    assert teacher.null_label == NULL and teacher.label_choices == [0, 1, 2]
+    out = teacher(z0, labels)
+    torch.testing.assert_close(out, guided_ddim(teacher_dir, z0, labels, 5, 2.5), atol=1e-5, rtol=1e-5)
+    unguided = DiffusersTeacher(teacher_dir, nfe=5)(z0, labels)
+    assert (out - unguided).abs().max() > 1e-3  # guidance changes the samples
+    # w = 1 is the conditional model alone
+    torch.testing.assert_close(
+        DiffusersTeacher(teacher_dir, nfe=5, guidance_scale=1.0)(z0, labels), unguided, atol=1e-5, rtol=1e-5
+    )
+    rec = teacher.describe()
+    assert rec["overrides"] == {"guidance_scale": 2.5, "null_label": NULL} and rec["null_label"] == NULL
+
+
+def test_guidance_errors(tmp_path, teacher_dir):
+    plain = tmp_path / "plain"
+    DDPMPipeline(unet=tiny_class_unet(), scheduler=DDPMScheduler()).save_pretrained(plain)
+    with pytest.raises(ReflowError, match="--null-label"):
+        DiffusersTeacher(plain, nfe=2, guidance_scale=2.0)
+    with pytest.raises(ReflowError, match="null_label must be a class index"):
+        DiffusersTeacher(plain, nfe=2, guidance_scale=2.0, null_label=9)
+    with pytest.raises(ReflowError, match="finite number"):
+        DiffusersTeacher(teacher_dir, nfe=2, guidance_scale=float("nan"))
+    with pytest.raises(ReflowError, match="unconditional label"):
+        from reflow.pairs import generate_pairs
+
+        generate_pairs(DiffusersTeacher(teacher_dir, nfe=2), tmp_path / "p", 4, labels=[NULL])
+
+
+def test_class_conditional_end_to_end(tmp_path, teacher_dir):
+    pairs, heldout = tmp_path / "pairs", tmp_path / "heldout"
+    invoke("generate", "--teacher", teacher_dir, "--out", pairs, "--num-pairs", 96, "--nfe", 4, "--guidance-scale", 2)
+    invoke(
+        "generate", "--teacher", teacher_dir, "--out", heldout, "--num-pairs", 24, "--nfe", 4,
+        "--guidance-scale", 2, "--seed", 5,
+    )  # fmt: skip
+    loaded = load_pairs(pairs)
+    assert set(loaded.label.tolist()) == {0, 1, 2}  # never the null label
+    assert torch.equal(loaded.label, row_labels(0, range(96), [0, 1, 2]))
+    assert loaded.provenance["teacher"]["overrides"]["guidance_scale"] == 2.0
+    # stored rows are the guided teacher's output from (seed, index) noise and the row's label
+    z1 = guided_ddim(teacher_dir, row_noise(0, range(4), (1, 8, 8)), loaded.label[:4], 4, 2.0)
+    torch.testing.assert_close(loaded.z1[:4], z1, atol=1e-5, rtol=1e-5)
+    reader = PairsReader(pairs)
+    assert reader.conditioning == "class" and reader.num_classes == NULL + 1
+    _, _, cond = reader.batch(torch.tensor([5, 0, 7]))
+    assert torch.equal(cond["class_labels"], loaded.label[[5, 0, 7]])
+
+    student, one = tmp_path / "student", tmp_path / "one"
+    common = ("--batch-size", 16, "--log-with", "none", "--lr", 1e-3)
+    invoke("train", "--pairs", pairs, "--init", teacher_dir, "--out", student, "--max-steps", 6, *common)
+    invoke("distill", "--pairs", pairs, "--init", student, "--out", one, "--max-steps", 4, "--k", 1, *common)
+    index = json.loads((one / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "ReflowClassConditionalPipeline"]
+    assert index["_reflow_null_class"] == NULL and (one / "pipeline.py").is_file()
+
+    # the exported pipeline gives what `reflow sample --labels` gives, from the same noise
+    z0 = row_noise(0, range(6), (1, 8, 8))
+    np.save(tmp_path / "z0.npy", z0.numpy())
+    for k in (1, 2):
+        out = tmp_path / f"s{k}.npy"
+        invoke("sample", "--model", one, "--nfe", k, "--noise", tmp_path / "z0.npy", "--labels", "2,0", "--out", out)
+        ours = torch.from_numpy(np.load(out))
+        labels = np.load(tmp_path / f"s{k}.labels.npy")
+        assert labels.tolist() == [2, 0, 2, 0, 2, 0]
+        pipe = DiffusionPipeline.from_pretrained(one, trust_remote_code=True)
+        assert type(pipe).__name__ == "ReflowClassConditionalPipeline"
+        theirs = pipe(class_labels=labels.tolist(), num_inference_steps=k, latents=z0, output_type="pt").images
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+        direct = ReflowClassConditionalPipeline.from_pretrained(one)
+        again = direct(class_labels=labels.tolist(), num_inference_steps=k, latents=z0, output_type="pt").images
+        torch.testing.assert_close(again, ours, atol=1e-5, rtol=1e-5)
+    # labels matter
+    model = load_model(one)
+    a = sample(model, z0, 1, cond={"class_labels": torch.zeros(6, dtype=torch.long)}).z1
+    b = sample(model, z0, 1, cond={"class_labels": torch.ones(6, dtype=torch.long)}).z1
+    assert (a - b).abs().max() > 1e-4
+    # stock diffusers refuses to run the folder's code unless asked
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(one)
+    r = runner.invoke(app, ["sample", "--model", str(one), "--num", "2", "--out", str(tmp_path / "x.npy")])
+    assert r.exit_code != 0 and "--labels" in r.output
+
+    # eval: per class, against the teacher with the held-out pairs' guidance
+    report = tmp_path / "report"
+    invoke(
+        "eval", "--model", teacher_dir, "--model", one, "--reference", "digits", "--heldout", heldout,
+        "--nfe", "1,2", "--num-samples", 30, "--seeds", "1", "--teacher-nfe", 4, "--out", report, "--no-figures",
+    )  # fmt: skip
+    metrics = json.loads((report / "metrics.json").read_text())
+    teacher_entry, student_entry = metrics["models"]
+    assert "guidance 2" in teacher_entry["solver"]
+    cell = student_entry["nfe"]["1"]
+    assert set(cell["classes"]) == {"0", "1", "2"} and cell["classes"]["0"]["samples"] == 10
+    assert 0.0 <= cell["agreement"] <= 1.0 and "w2_class_mean" in cell and "mse_teacher" in cell
+    assert teacher_entry["reference_solve"]["nfe"] == 4 and "agreement" in teacher_entry["reference_solve"]
+    # the teacher's reference solve on the held-out noise is the held-out pairs themselves
+    assert teacher_entry["reference_solve"]["mse_teacher"] < 1e-10
+
+    # round 2: the student teaches, conditionally, never drawing the null label
+    teacher2 = load_teacher(one, nfe=2, solver="euler")
+    assert teacher2.label_choices == [0, 1, 2] and teacher2.describe()["null_label"] == NULL
+    pairs2 = tmp_path / "pairs2"
+    invoke("generate", "--teacher", one, "--out", pairs2, "--num-pairs", 12, "--nfe", 2, "--round", 2)
+    ds = datasets.load_from_disk(str(pairs2))
+    assert set(ds["label"]) <= {0, 1, 2}
+    got = torch.tensor(np.asarray(ds.with_format("numpy")["z1"]))
+    labels = torch.tensor(ds["label"])
+    want = sample(model, row_noise(0, range(12), (1, 8, 8)), 2, cond={"class_labels": labels}, clamp=False).z1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_conditioning_mismatch_is_one_line(tmp_path, teacher_dir):
+    pairs = tmp_path / "pairs"
+    invoke("generate", "--teacher", teacher_dir, "--out", pairs, "--num-pairs", 8, "--nfe", 2)
+    unconditional = tmp_path / "uncond"
+    DDPMPipeline(
+        unet=UNet2DModel(
+            sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        ),
+        scheduler=DDPMScheduler(),
+    ).save_pretrained(unconditional)  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--pairs",
+            str(pairs),
+            "--init",
+            str(unconditional),
+            "--out",
+            str(tmp_path / "s"),
+            "--max-steps",
+            "2",
+        ],
+    )
+    assert r.exit_code != 0 and "unconditional but the pairs are class-conditional" in r.output
