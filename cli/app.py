@@ -361,11 +361,10 @@ def generate_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
 ) -> None:
     """Run a teacher on seeded noise and store the coupled pairs (sharded; rerun the same command to resume)."""
+    from reflow.models import is_flow_pipeline
     from reflow.pairs import generate_pairs
     from reflow.prompts import read_prompts
     from reflow.teachers import load_teacher
-
-    from reflow.models import is_flow_pipeline
 
     is_diffusers = (teacher / "model_index.json").is_file() and not is_flow_pipeline(teacher)
     solver = solver or ("ddim" if is_diffusers else "euler")
@@ -514,9 +513,8 @@ def sample_cmd(
     elif conditioning == "text":
         if prompts is None:
             raise ReflowError(f"{model} is a text-to-image model: pass --prompts FILE (one prompt per line)")
-        from reflow.text_teacher import PromptEncoder
-
         from reflow.prompts import read_prompts
+        from reflow.text_teacher import PromptEncoder
 
         texts = read_prompts(prompts)
         texts = [texts[i % len(texts)] for i in range(len(z0))]

@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_unet(channels: tuple[int, ...], layers_per_block: int) -> UNet2DModel:
+def make_unet(channels: tuple[int, ...], layers_per_block: int, num_class_embeds: int | None = None) -> UNet2DModel:
     # 8x8 -> 4x4 (-> 2x2 ...): plain ResNet blocks at full resolution, self-attention below it.
+    # num_class_embeds: a learned class embedding added to the time embedding (class-conditional teacher).
     n = len(channels)
     down = ("DownBlock2D",) + ("AttnDownBlock2D",) * (n - 1)
     up = ("AttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
@@ -92,6 +93,7 @@ def make_unet(channels: tuple[int, ...], layers_per_block: int) -> UNet2DModel:
         up_block_types=up,
         attention_head_dim=32,
         norm_num_groups=32,
+        **({"num_class_embeds": num_class_embeds} if num_class_embeds is not None else {}),
     )
 
 
@@ -108,15 +110,26 @@ def make_scheduler() -> DDPMScheduler:
     )
 
 
-def train(args: argparse.Namespace, data: torch.Tensor) -> tuple[UNet2DModel, DDPMScheduler, dict]:
+def train(
+    args: argparse.Namespace,
+    data: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    num_class_embeds: int | None = None,
+    null_class: int | None = None,
+    label_dropout: float = 0.0,
+) -> tuple[UNet2DModel, DDPMScheduler, dict]:
+    """Train on ``data``; with ``labels`` (one int per row) a class-conditional UNet with ``num_class_embeds``
+    classes, each batch label replaced by ``null_class`` with probability ``label_dropout`` (for CFG)."""
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     channels = tuple(int(c) for c in args.channels.split(","))
-    unet = make_unet(channels, args.layers_per_block)
+    unet = make_unet(channels, args.layers_per_block, num_class_embeds if labels is not None else None)
     scheduler = make_scheduler()
     n_params = sum(p.numel() for p in unet.parameters())
+    classes = f" num_class_embeds={num_class_embeds}" if labels is not None else ""
     print(
-        f"UNet2DModel block_out_channels={channels} layers_per_block={args.layers_per_block}: {n_params:,} parameters",
+        f"UNet2DModel block_out_channels={channels} layers_per_block={args.layers_per_block}{classes}: "
+        f"{n_params:,} parameters",
         flush=True,
     )
 
@@ -136,12 +149,19 @@ def train(args: argparse.Namespace, data: torch.Tensor) -> tuple[UNet2DModel, DD
         # Epoch-wise shuffling without replacement; no augmentation.
         if pos + args.batch_size > n:
             perm, pos = torch.randperm(n, generator=g), 0
-        x1 = data[perm[pos : pos + args.batch_size]]
+        idx = perm[pos : pos + args.batch_size]
+        x1 = data[idx]
         pos += args.batch_size
         noise = torch.randn(x1.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x1),), generator=g)
         xt = scheduler.add_noise(x1, noise, t)
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        cond = {}
+        if labels is not None:  # conditional: drop labels to the null class at random (classifier-free guidance)
+            y = labels[idx]
+            if label_dropout > 0:
+                y = torch.where(torch.rand(len(y), generator=g) < label_dropout, null_class, y)
+            cond["class_labels"] = y
+        loss = F.mse_loss(unet(xt, t, **cond).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -167,6 +187,7 @@ def train(args: argparse.Namespace, data: torch.Tensor) -> tuple[UNet2DModel, DD
         "params": n_params,
         "block_out_channels": list(channels),
         "layers_per_block": args.layers_per_block,
+        **({"num_class_embeds": num_class_embeds} if labels is not None else {}),
         "train_seconds": train_seconds,
         "step_seconds": train_seconds / args.steps,
     }
