@@ -296,7 +296,8 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         tmp = root / f".step-{at:07d}.tmp"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            root.mkdir(parents=True, exist_ok=True)
+            # made here, before the barrier: every process writes its own RNG state into it
+            tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
@@ -421,6 +422,9 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
             atomic_write_text(tmp / "README.md", model_card(f"reflow velocity model {out.name}", provenance))
         shutil.rmtree(checkpoint_root(out), ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # Not end_training(): it also destroys the process group, and a caller may go on under the same launch
+    # (reflow rounds trains, generates and evaluates in one process per rank).
+    for tracker in accelerator.trackers:
+        tracker.finish()
     sps = (config.max_steps - start_step) * config.batch_size / max(seconds, 1e-9)
     return TrainResult(out=out, steps=step, loss=loss_value, seconds=seconds, samples_per_second=sps)

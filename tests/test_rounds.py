@@ -126,3 +126,40 @@ def test_shipped_recipes_parse():
     for r in recipes:
         recipe = Recipe.from_toml(r)
         assert recipe.rounds >= 1 and recipe.eval["nfes"]
+
+
+def test_rounds_under_torchrun_match_one_process(tmp_path):
+    """The same recipe under `torchrun --nproc_per_node 2` (gloo on CPU): pairs split by shard, training
+    on the same global batches, reports on the main process; the models equal a one-process run's."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    bindir = os.path.dirname(sys.executable)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE.replace("max_steps = 30", "max_steps = 12").replace("ema_decay", "ema_decay"))
+    runs = {}
+    for name, launcher in [
+        ("one", [os.path.join(bindir, "reflow")]),
+        ("two", [os.path.join(bindir, "torchrun"), "--nproc_per_node", "2", "--master_port", "29541",
+                 os.path.join(bindir, "reflow")]),
+    ]:  # fmt: skip
+        out = tmp_path / name
+        r = subprocess.run(
+            [*launcher, "rounds", "--config", str(recipe), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
+        )
+        errors = [line for line in r.stderr.splitlines() if "Error" in line or "error" in line]
+        assert r.returncode == 0, "\n".join(errors[:20])
+        assert json.loads((out / "manifest.json").read_text())["complete"]
+        runs[name] = out
+    pairs = [json.loads((runs[n] / "round-2" / "pairs" / "reflow_pairs.json").read_text()) for n in runs]
+    assert pairs[0]["num_pairs"] == pairs[1]["num_pairs"] == 512
+    for model in ("round-1/student", "round-2/student", "distill/student"):
+        a, b = (load_file(next((runs[n] / model).glob("*.safetensors"))) for n in runs)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
