@@ -50,14 +50,9 @@ EVAL_STEPS = (50, 10, 4, 2, 1)
 FLOOR_SEED = 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=REPO / "data" / "teachers" / "digits-ddpm",
-        help="pipeline folder to write (replaced if it exists)",
-    )
+def add_training_args(p: argparse.ArgumentParser, out: Path) -> None:
+    """The training options both digits teacher scripts share (this one and train_digits_cond_teacher.py)."""
+    p.add_argument("--out", type=Path, default=out, help="pipeline folder to write (replaced if it exists)")
     p.add_argument("--steps", type=int, default=6000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
@@ -69,8 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this small UNet)")
     p.add_argument("--log-every", type=int, default=250)
-    p.add_argument("--eval-batch", type=int, default=1797, help="samples per teacher call during evaluation")
     p.add_argument("--skip-eval", action="store_true", help="save the pipeline only (no quality table)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_training_args(p, REPO / "data" / "teachers" / "digits-ddpm")
+    p.add_argument("--eval-batch", type=int, default=1797, help="samples per teacher call during evaluation")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
         p.error("--steps, --batch-size and --lr must be positive")
@@ -223,6 +223,55 @@ def evaluate(folder: Path, data: torch.Tensor, eval_batch: int) -> dict:
     return results
 
 
+def training_lines(args: argparse.Namespace, info: dict, weights_kib: float) -> list[str]:
+    """The model card's lines on how the network was trained (shared with train_digits_cond_teacher.py)."""
+    return [
+        "- Noise schedule: `DDPMScheduler`, 1000 train steps, linear betas 1e-4 .. 0.02, epsilon prediction,",
+        "  clip_sample=True, fixed_small variance (the config of the public `google/ddpm-*` checkpoints).",
+        "- Objective: MSE on the noise, timesteps uniform in 0..999; data shuffled per epoch, no augmentation",
+        "  (no flips: mirrored digits are not digits).",
+        f"- Optimizer: AdamW, peak lr {args.lr:g}, weight decay {args.weight_decay:g}, grad-norm clip 1.0, "
+        f"{args.warmup} warmup steps then cosine decay to 0 (`diffusers.optimization`).",
+        f"- {args.steps} steps at batch size {args.batch_size} "
+        f"(about {args.steps * args.batch_size / 1797:.0f} epochs), seed {args.seed}.",
+        f"- EMA (`diffusers.training_utils.EMAModel`): warm-up decay 1 - (1 + step)^-0.75, capped at "
+        f"{args.ema_max_decay:g}; the saved UNet is the EMA.",
+        f"- Wall clock: {info['train_seconds'] / 60:.1f} CPU minutes of training "
+        f"({info['step_seconds'] * 1000:.0f} ms/step) with {args.threads} torch threads on "
+        f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared), "
+        f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}.",
+        f"- Weights: {weights_kib:.0f} KiB (float32 safetensors).",
+    ]
+
+
+def write_quality(tmp: Path, args: argparse.Namespace, info: dict, quality: dict | None) -> None:
+    """quality.json: how the teacher was trained and what it measured (nothing when evaluation was skipped)."""
+    if quality is not None:
+        (tmp / "quality.json").write_text(
+            json.dumps(
+                {
+                    "training": info,
+                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    **quality,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Swap the finished folder into place; an interrupted run leaves the old one intact."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+    print(f"saved {out}", flush=True)
+
+
 def model_card(args: argparse.Namespace, command: str, info: dict, quality: dict | None, folder: Path) -> str:
     weights_kib = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 1024
 
@@ -257,21 +306,7 @@ def model_card(args: argparse.Namespace, command: str, info: dict, quality: dict
         f"{tuple(info['block_out_channels'])}, layers_per_block {info['layers_per_block']}, "
         "ResNet blocks at 8x8 and self-attention below; "
         f"{info['params']:,} parameters.",
-        "- Noise schedule: `DDPMScheduler`, 1000 train steps, linear betas 1e-4 .. 0.02, epsilon prediction,",
-        "  clip_sample=True, fixed_small variance (the config of the public `google/ddpm-*` checkpoints).",
-        "- Objective: MSE on the noise, timesteps uniform in 0..999; data shuffled per epoch, no augmentation",
-        "  (no flips: mirrored digits are not digits).",
-        f"- Optimizer: AdamW, peak lr {args.lr:g}, weight decay {args.weight_decay:g}, grad-norm clip 1.0, "
-        f"{args.warmup} warmup steps then cosine decay to 0 (`diffusers.optimization`).",
-        f"- {args.steps} steps at batch size {args.batch_size} "
-        f"(about {args.steps * args.batch_size / 1797:.0f} epochs), seed {args.seed}.",
-        f"- EMA (`diffusers.training_utils.EMAModel`): warm-up decay 1 - (1 + step)^-0.75, capped at "
-        f"{args.ema_max_decay:g}; the saved UNet is the EMA.",
-        f"- Wall clock: {info['train_seconds'] / 60:.1f} CPU minutes of training "
-        f"({info['step_seconds'] * 1000:.0f} ms/step) with {args.threads} torch threads on "
-        f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared), "
-        f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}.",
-        f"- Weights: {weights_kib:.0f} KiB (float32 safetensors).",
+        *training_lines(args, info, weights_kib),
         "",
     ]
     if quality is not None:
@@ -323,29 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(str(tmp), safe_serialization=True)
 
     quality = None if args.skip_eval else evaluate(tmp, data, args.eval_batch)
-    if quality is not None:
-        (tmp / "quality.json").write_text(
-            json.dumps(
-                {
-                    "training": info,
-                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    **quality,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    write_quality(tmp, args, info, quality)
     (tmp / "README.md").write_text(model_card(args, command, info, quality, tmp))
 
-    # Swap the finished folder into place; an interrupted run leaves the old one intact.
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
-    print(f"saved {out}", flush=True)
+    swap_into_place(tmp, out)
 
 
 if __name__ == "__main__":
