@@ -339,6 +339,13 @@ def generate_cmd(
         int | None,
         typer.Option(help="Class-conditional guidance: the checkpoint's unconditional class (if not declared)."),
     ] = None,
+    clipped_model_output: Annotated[
+        bool,
+        typer.Option(
+            "--clipped-model-output",
+            help="Diffusers DDIM: recompute the noise from the clipped x0 each step (keeps guidance from saturating).",
+        ),
+    ] = False,
     prompts: Annotated[
         Path | None,
         typer.Option(help="Text-to-image teachers: prompts, a .txt file (one per line) or a datasets folder."),
@@ -380,6 +387,8 @@ def generate_cmd(
     overrides = {k: v for k, v in settings if v is not None}
     if compile_:
         overrides["compile"] = True
+    if clipped_model_output:
+        overrides["clipped_model_output"] = True
     prompt_list = read_prompts(prompts, prompt_column) if prompts is not None else None
     t = load_teacher(teacher, nfe=nfe, solver=solver, device=_device(), allow_pickle=allow_pickle, **overrides)
     with _Bar("generate") as bar:

@@ -111,6 +111,8 @@ class DiffusersTeacher:
     checkpoint was trained with for "no label" (``null_label``, or the ``"_reflow_null_class"`` entry of its
     model_index.json). The null label is never drawn as a pair's label (``label_choices``). Both go into
     ``describe()["overrides"]``, so pairs record the guidance they were made with.
+    ``clipped_model_output`` (DDIM): recompute each step's noise estimate from the clipped x0, diffusers'
+    ``use_clipped_model_output``; with ``clip_sample`` and guidance it keeps samples from over-saturating.
     ``timestep_spacing`` and ``clip_sample`` override the checkpoint's scheduler config and are
     recorded in ``describe()``, as is ``autocast`` when set. ``channels_last`` (None: on for CUDA only) and
     ``compile`` are speed settings, not recorded (see the module docstring).
@@ -131,6 +133,7 @@ class DiffusersTeacher:
         compile: bool = False,
         guidance_scale: float | None = None,
         null_label: int | None = None,
+        clipped_model_output: bool | None = None,
     ):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
@@ -217,6 +220,11 @@ class DiffusersTeacher:
         self.scheduler_overrides = overrides
         # What describe() records and load_teacher(**overrides) takes back (verify-pairs reruns with it).
         self.overrides = dict(overrides)
+        self.clipped_model_output = bool(clipped_model_output)
+        if self.clipped_model_output:
+            if solver != "ddim":
+                raise ReflowError("--clipped-model-output applies only to --solver ddim; drop it or use ddim")
+            self.overrides["clipped_model_output"] = True
         if autocast_dtype is not None:
             self.overrides["autocast"] = str(autocast_dtype).removeprefix("torch.")
         self.checkpoint_scheduler = checkpoint_scheduler
@@ -351,6 +359,8 @@ class DiffusersTeacher:
         if self.channels_last:
             x = x.contiguous(memory_format=memory_format)
         step_kwargs = {"eta": 0.0} if self.solver == "ddim" else {}
+        if self.clipped_model_output:
+            step_kwargs["use_clipped_model_output"] = True
         guided = self.guidance_scale is not None
         if guided:  # one UNet call on [null; labels], as diffusers' guided pipelines batch it
             class_labels = torch.cat([torch.full_like(class_labels, self.null_label), class_labels])

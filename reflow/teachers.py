@@ -166,8 +166,10 @@ def load_teacher(
         if is_text_pipeline(path):
             from .text_teacher import TextToImageTeacher
 
-            if "null_label" in overrides:
-                raise ReflowError("--null-label applies to class-conditional teachers; drop it for a text-to-image one")
+            for name in ("null_label", "clipped_model_output"):
+                if name in overrides:
+                    flag = "--" + name.replace("_", "-")
+                    raise ReflowError(f"{flag} applies to pixel-space DDPM teachers; drop it for a text-to-image one")
             return TextToImageTeacher(
                 path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle, **overrides
             )

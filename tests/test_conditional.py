@@ -70,7 +70,7 @@ def teacher_dir(tmp_path_factory):
 
 
 @torch.no_grad()
-def guided_ddim(folder, z0, labels, nfe, w):
+def guided_ddim(folder, z0, labels, nfe, w, **step_kwargs):
     """Classifier-free guided DDIM (eta 0) written out independently of reflow."""
     unet = UNet2DModel.from_pretrained(folder / "unet").eval()
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -80,7 +80,7 @@ def guided_ddim(folder, z0, labels, nfe, w):
     for t in scheduler.timesteps:
         eps_c = unet(x, t, class_labels=labels).sample
         eps_u = unet(x, t, class_labels=null).sample
-        x = scheduler.step(eps_u + w * (eps_c - eps_u), t, x, eta=0.0).prev_sample
+        x = scheduler.step(eps_u + w * (eps_c - eps_u), t, x, eta=0.0, **step_kwargs).prev_sample
     return x
 
 
@@ -99,6 +99,17 @@ def test_guided_teacher_matches_a_plain_guided_loop(teacher_dir):
     )
     rec = teacher.describe()
     assert rec["overrides"] == {"guidance_scale": 2.5, "null_label": NULL} and rec["null_label"] == NULL
+    # the noise re-estimated from the clipped x0 at each step, recorded and reloadable
+    clipped = DiffusersTeacher(teacher_dir, nfe=5, guidance_scale=2.5, clipped_model_output=True)
+    want = guided_ddim(teacher_dir, z0, labels, 5, 2.5, use_clipped_model_output=True)
+    torch.testing.assert_close(clipped(z0, labels), want, atol=1e-5, rtol=1e-5)
+    assert (want - out).abs().max() > 1e-4
+    overrides = clipped.describe()["overrides"]
+    assert overrides["clipped_model_output"] is True
+    again = load_teacher(teacher_dir, nfe=5, solver="ddim", **overrides)
+    torch.testing.assert_close(again(z0, labels), want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ReflowError, match="only to --solver ddim"):
+        DiffusersTeacher(teacher_dir, nfe=5, solver="dpm", clipped_model_output=True)
 
 
 def test_guidance_errors(tmp_path, teacher_dir):
