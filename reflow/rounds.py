@@ -50,8 +50,8 @@ Progress = Callable[..., None]
 """``progress(stage, done, total, info="")``."""
 
 _TOP = {"rounds", "seed", "teacher", "pairs", "train", "distill", "eval", "name"}
-_TEACHER = {"data", "checkpoint", "solver", "nfe", "guidance_scale", "null_label", "negative_prompt"}
-_GUIDANCE = ("guidance_scale", "null_label", "negative_prompt")  # the starting checkpoint's only
+_GUIDANCE = ("guidance_scale", "null_label", "negative_prompt", "clipped_model_output")  # the starting checkpoint's
+_TEACHER = {"data", "checkpoint", "solver", "nfe", *_GUIDANCE}
 _PAIRS = {"num_pairs", "solver", "nfe", "heldout", "batch_size", "dtype", "labels", "prompts", "store_embeddings"}
 _DISTILL = {"k", "max_steps", "batch_size", "lr", "loss", "time_sampler", "ema_decay", "warmup_steps", "seed"}
 
