@@ -100,6 +100,60 @@ def _json_clean(value: Any) -> Any:
     return json.loads(json.dumps(strict(value), sort_keys=True, default=str, allow_nan=False))
 
 
+def solver_overrides(solver: str, nfe: int, timestep_spacing: str | None, clip_sample: bool | None) -> dict[str, Any]:
+    """Check a DDPM-family teacher's solver settings; returns the scheduler-config overrides they make."""
+    if solver not in DIFFUSERS_SOLVERS:
+        choices = ", ".join(DIFFUSERS_SOLVERS)
+        raise ReflowError(f"unknown solver {solver!r} for a diffusers teacher (choose one of {choices})")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ReflowError(f"--nfe must be a positive integer, got {nfe!r}")
+    overrides: dict[str, Any] = {}
+    if timestep_spacing is not None:
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            choices = ", ".join(TIMESTEP_SPACINGS)
+            raise ReflowError(f"timestep_spacing must be one of {choices}, got {timestep_spacing!r}")
+        overrides["timestep_spacing"] = timestep_spacing
+    if clip_sample is not None:
+        if solver != "ddim":
+            raise ReflowError(
+                "clip_sample applies only to --solver ddim (DPM-Solver++ does not clip); drop it or use ddim"
+            )
+        overrides["clip_sample"] = bool(clip_sample)
+    return overrides
+
+
+def build_solver(path: Path, solver: str, nfe: int, overrides: dict[str, Any]) -> tuple[Any, str | None]:
+    """(the deterministic solver set to ``nfe`` steps, the checkpoint's scheduler class) from the scheduler
+    config of the pipeline folder ``path``: DDIM (eta 0 at step time) or DPM-Solver++, read the way
+    from_pretrained reads it, with ``overrides`` applied. Flow-matching schedulers are refused."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    scheduler_dir = path / "scheduler"
+    scheduler_config = _read_json(scheduler_dir / "scheduler_config.json")
+    checkpoint_scheduler = scheduler_config.get("_class_name")
+    if str(checkpoint_scheduler).startswith("FlowMatch") or scheduler_config.get("prediction_type") == (
+        "flow_prediction"
+    ):
+        raise ReflowError(
+            f"{path}: {checkpoint_scheduler} is a flow-matching scheduler (a reflow student? use it as a flow "
+            "teacher); only noise-prediction (DDPM-family) schedulers are supported here"
+        )
+    try:
+        config = DDIMScheduler.load_config(str(scheduler_dir))
+        if solver == "ddim":
+            scheduler = DDIMScheduler.from_config(config, **overrides)
+        else:
+            scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", **overrides)
+    except (NotImplementedError, ValueError, TypeError, OSError) as e:
+        why = _first_line(e)
+        raise ReflowError(f"{path}: cannot build the {solver} solver from its scheduler config: {why}") from None
+    try:
+        scheduler.set_timesteps(nfe)
+    except ValueError as e:
+        raise ReflowError(f"--nfe {nfe} does not fit this scheduler: {_first_line(e)}") from None
+    return scheduler, checkpoint_scheduler
+
+
 class DiffusersTeacher:
     """A diffusers ``UNet2DModel`` pipeline folder sampled with a deterministic ODE solver.
 
@@ -135,8 +189,6 @@ class DiffusersTeacher:
         null_label: int | None = None,
         clipped_model_output: bool | None = None,
     ):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
         path = Path(path)
         if not path.exists():
             raise ReflowError(f"no such teacher: {path} (pass a diffusers pipeline folder)")
@@ -151,23 +203,7 @@ class DiffusersTeacher:
             )
         if not (scheduler_dir / "scheduler_config.json").is_file():
             raise ReflowError(f"{path} has no scheduler/scheduler_config.json; add the checkpoint's scheduler config")
-        if solver not in DIFFUSERS_SOLVERS:
-            choices = ", ".join(DIFFUSERS_SOLVERS)
-            raise ReflowError(f"unknown solver {solver!r} for a diffusers teacher (choose one of {choices})")
-        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-            raise ReflowError(f"--nfe must be a positive integer, got {nfe!r}")
-        overrides: dict[str, Any] = {}
-        if timestep_spacing is not None:
-            if timestep_spacing not in TIMESTEP_SPACINGS:
-                choices = ", ".join(TIMESTEP_SPACINGS)
-                raise ReflowError(f"timestep_spacing must be one of {choices}, got {timestep_spacing!r}")
-            overrides["timestep_spacing"] = timestep_spacing
-        if clip_sample is not None:
-            if solver != "ddim":
-                raise ReflowError(
-                    "clip_sample applies only to --solver ddim (DPM-Solver++ does not clip); drop it or use ddim"
-                )
-            overrides["clip_sample"] = bool(clip_sample)
+        overrides = solver_overrides(solver, nfe, timestep_spacing, clip_sample)
         autocast_dtype = _autocast_dtype(autocast)
 
         model_index = _read_json(path / "model_index.json")
@@ -175,29 +211,7 @@ class DiffusersTeacher:
         unet_class = unet_config.get("_class_name")
         if unet_class != "UNet2DModel":
             raise ReflowError(f"{unet_dir} holds a {unet_class}; only UNet2DModel teachers are supported")
-        scheduler_config = _read_json(scheduler_dir / "scheduler_config.json")
-        checkpoint_scheduler = scheduler_config.get("_class_name")
-        if str(checkpoint_scheduler).startswith("FlowMatch"):
-            raise ReflowError(
-                f"{path}: {checkpoint_scheduler} is a flow-matching scheduler; "
-                "only noise-prediction (DDPM-family) schedulers are supported"
-            )
-
-        # Scheduler: from the checkpoint's own config, read the way from_pretrained reads it.
-        try:
-            config = DDIMScheduler.load_config(str(scheduler_dir))
-            if solver == "ddim":
-                scheduler = DDIMScheduler.from_config(config, **overrides)
-            else:
-                scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", **overrides)
-        except (NotImplementedError, ValueError, TypeError, OSError) as e:
-            raise ReflowError(
-                f"{path}: cannot build the {solver} solver from its scheduler config: {_first_line(e)}"
-            ) from None
-        try:
-            scheduler.set_timesteps(nfe)
-        except ValueError as e:
-            raise ReflowError(f"--nfe {nfe} does not fit this scheduler: {_first_line(e)}") from None
+        scheduler, checkpoint_scheduler = build_solver(path, solver, nfe, overrides)
 
         # UNet: safetensors unless pickle is allowed explicitly. Never DiffusionPipeline (no custom code).
         unet = load_unet(unet_dir, allow_pickle=allow_pickle)

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 from .diffusers_teacher import (
-    DIFFUSERS_SOLVERS,
-    TIMESTEP_SPACINGS,
     _autocast_dtype,
     _first_line,
     _json_clean,
     _read_json,
+    build_solver,
+    solver_overrides,
 )
 from .errors import ReflowError
 from .models import load_unet
@@ -336,19 +336,13 @@ class TextToImageTeacher:
         compile: bool = False,
         text_encoder_device: torch.device | str | None = None,
     ):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
         path = _check_folder(path, ())
         unet_dir, scheduler_dir = path / "unet", path / "scheduler"
         if not (unet_dir / "config.json").is_file():
             raise ReflowError(f"{path} has no unet/config.json; pass {_LAYOUT}")
         if not (scheduler_dir / "scheduler_config.json").is_file():
             raise ReflowError(f"{path} has no scheduler/scheduler_config.json; add the checkpoint's scheduler config")
-        if solver not in DIFFUSERS_SOLVERS:
-            choices = ", ".join(DIFFUSERS_SOLVERS)
-            raise ReflowError(f"unknown solver {solver!r} for a diffusers teacher (choose one of {choices})")
-        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-            raise ReflowError(f"--nfe must be a positive integer, got {nfe!r}")
+        overrides = solver_overrides(solver, nfe, timestep_spacing, clip_sample)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
             raise ReflowError(f"--guidance-scale must be a number, got {guidance_scale!r}")
         if not math.isfinite(guidance_scale) or guidance_scale < 1:
@@ -358,18 +352,6 @@ class TextToImageTeacher:
             )
         if not isinstance(negative_prompt, str):
             raise ReflowError(f"--negative-prompt must be a string, got {type(negative_prompt).__name__}")
-        overrides: dict[str, Any] = {}
-        if timestep_spacing is not None:
-            if timestep_spacing not in TIMESTEP_SPACINGS:
-                choices = ", ".join(TIMESTEP_SPACINGS)
-                raise ReflowError(f"timestep_spacing must be one of {choices}, got {timestep_spacing!r}")
-            overrides["timestep_spacing"] = timestep_spacing
-        if clip_sample is not None:
-            if solver != "ddim":
-                raise ReflowError(
-                    "clip_sample applies only to --solver ddim (DPM-Solver++ does not clip); drop it or use ddim"
-                )
-            overrides["clip_sample"] = bool(clip_sample)
         autocast_dtype = _autocast_dtype(autocast)
 
         model_index = _read_json(path / "model_index.json")
@@ -398,31 +380,7 @@ class TextToImageTeacher:
                 "depth UNet?); only text-to-image UNets are supported"
             )
         _check_folder(path, ("text_encoder", "tokenizer", "vae"))
-        scheduler_config = _read_json(scheduler_dir / "scheduler_config.json")
-        checkpoint_scheduler = scheduler_config.get("_class_name")
-        if str(checkpoint_scheduler).startswith("FlowMatch") or scheduler_config.get("prediction_type") == (
-            "flow_prediction"
-        ):
-            raise ReflowError(
-                f"{path}: {checkpoint_scheduler} is a flow-matching scheduler (a reflow student?); "
-                "only noise-prediction (DDPM-family) schedulers are supported here"
-            )
-
-        # Scheduler: from the checkpoint's own config, read the way from_pretrained reads it.
-        try:
-            config = DDIMScheduler.load_config(str(scheduler_dir))
-            if solver == "ddim":
-                scheduler = DDIMScheduler.from_config(config, **overrides)
-            else:
-                scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", **overrides)
-        except (NotImplementedError, ValueError, TypeError, OSError) as e:
-            raise ReflowError(
-                f"{path}: cannot build the {solver} solver from its scheduler config: {_first_line(e)}"
-            ) from None
-        try:
-            scheduler.set_timesteps(nfe)
-        except ValueError as e:
-            raise ReflowError(f"--nfe {nfe} does not fit this scheduler: {_first_line(e)}") from None
+        scheduler, checkpoint_scheduler = build_solver(path, solver, nfe, overrides)
 
         # Components, each by its known class: safetensors unless pickle is allowed; never custom code.
         self.encoder = PromptEncoder(path, allow_pickle=allow_pickle, device=text_encoder_device)
