@@ -16,3 +16,13 @@ def import_or_skip(name: str):
         return [importlib.import_module(n) for n in names][-1]
     except (ImportError, RuntimeError, OSError) as e:
         pytest.skip(f"{name} unavailable: {type(e).__name__}: {e}")
+
+
+def cli_ok(*args):
+    """Run the reflow CLI in-process with these arguments (stringified) and check it exits 0."""
+    from reflow.cli.app import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from helpers import cli_ok
 from reflow.cli.app import app
 from reflow.pipelines.class_conditional import ReflowClassConditionalPipeline
+from test_diffusers_teacher import tiny_unet
 from typer.testing import CliRunner
 
 from reflow.diffusers_teacher import DiffusersTeacher
@@ -26,35 +28,12 @@ runner = CliRunner()
 NULL = 3  # classes 0, 1, 2 and the unconditional label 3
 
 
-def invoke(*args):
-    r = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return r
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+invoke = cli_ok  # run a command, check it exits 0
 
 
 def tiny_class_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=NULL + 1,
-    ).eval()
+    unet = tiny_unet(seed, num_class_embeds=NULL + 1)
     with torch.no_grad():
-        unet.conv_out.weight.mul_(5.0)
         unet.class_embedding.weight.mul_(3.0)  # labels must matter
     return unet
 
@@ -214,14 +193,7 @@ def test_conditioning_mismatch_is_one_line(tmp_path, teacher_dir):
     pairs = tmp_path / "pairs"
     invoke("generate", "--teacher", teacher_dir, "--out", pairs, "--num-pairs", 8, "--nfe", 2)
     unconditional = tmp_path / "uncond"
-    DDPMPipeline(
-        unet=UNet2DModel(
-            sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-            norm_num_groups=8,
-        ),
-        scheduler=DDPMScheduler(),
-    ).save_pretrained(unconditional)  # fmt: skip
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(unconditional)
     r = runner.invoke(
         app,
         [

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from helpers import cli_ok
 from reflow.cli.app import app
 from tiny_sd import TINY_SD_EMBED_SHAPE, make_tiny_sd
 from typer.testing import CliRunner
@@ -24,18 +25,7 @@ PROMPTS = ["a cat", "the red house at night", "an owl"]
 LATENT = (4, 8, 8)
 
 
-def invoke(*args):
-    r = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return r
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+invoke = cli_ok  # run a command, check it exits 0
 
 
 @pytest.fixture(scope="module")
