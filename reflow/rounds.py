@@ -6,8 +6,9 @@ trains, whether to distil the last student, and how to evaluate::
     rounds = 2
     [teacher]            # exactly one of: data (round 1 is 1-RF from data) or checkpoint
     checkpoint = "data/teachers/digits-ddpm"   # a diffusers DDPM checkpoint or one of our flows
-    solver = "ddim"      # its solver and NFE for round 1's pairs
+    solver = "ddim"      # its solver and NFE: round 1's pairs, the held-out pairs and the teacher's report
     nfe = 50
+    pairs_nfe = 10       # optional: round 1's pairs with another NFE (pairs_solver: another solver)
     [pairs]              # every round's pairs (the solver/NFE of flow teachers: the previous student)
     num_pairs = 16384
     solver = "euler"
@@ -16,17 +17,17 @@ trains, whether to distil the last student, and how to evaluate::
     [train]              # reflow.training.TrainConfig names, for every round; [train.round2] overrides
     max_steps = 2000
     [distill]            # optional: distil the last round's student on its pairs
-    k = 1
+    k = 1                # or a list, k = [1, 2]: one distilled student per k, in distill-k1/, distill-k2/
     [eval]               # reflow.evaluation.EvalSettings names
     nfes = [1, 2, 4]
     reference = "digits"
 
 Layout of RUN: ``round-k/{pairs, student, report, manifest.json}`` (round 1 from data has no pairs),
 ``heldout/`` (the starting teacher's held-out pairs), ``teacher/report`` (a checkpoint teacher at its own
-solver's NFEs), ``distill/{student, report}``, ``report/`` (one table across rounds) and
-``manifest.json``. The student of round k is the teacher of round k + 1. Every stage writes its output
-atomically or resumes itself (pairs by shard, training from its last checkpoint), so a run killed at any
-point and rerun with the same command skips what is finished and resumes what is not.
+solver's NFEs), ``distill/{student, report}`` (``distill-kK/`` per K for a list of k), ``report/`` (one table
+across rounds) and ``manifest.json``. The student of round k is the teacher of round k + 1. Every stage
+writes its output atomically or resumes itself (pairs by shard, training from its last checkpoint), so a run
+killed at any point and rerun with the same command skips what is finished and resumes what is not.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ Progress = Callable[..., None]
 
 _TOP = {"rounds", "seed", "teacher", "pairs", "train", "distill", "eval", "name"}
 _GUIDANCE = ("guidance_scale", "null_label", "negative_prompt", "clipped_model_output")  # the starting checkpoint's
-_TEACHER = {"data", "checkpoint", "solver", "nfe", *_GUIDANCE}
+_TEACHER = {"data", "checkpoint", "solver", "nfe", "pairs_solver", "pairs_nfe", *_GUIDANCE}
 _PAIRS = {"num_pairs", "solver", "nfe", "heldout", "batch_size", "dtype", "labels", "prompts", "store_embeddings"}
 _DISTILL = {"k", "max_steps", "batch_size", "lr", "loss", "time_sampler", "ema_decay", "warmup_steps", "seed"}
 
@@ -105,6 +106,14 @@ class Recipe:
         distill = raw.get("distill")
         if distill is not None:
             _unknown(distill, _DISTILL, "distill")
+            ks = distill.get("k", 1)
+            listed = ks if isinstance(ks, list) else [ks]
+            if not listed or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in listed):
+                raise ReflowError(f"{where}: [distill] k must be a positive integer or a list of them, got {ks!r}")
+            if len(set(listed)) != len(listed):
+                raise ReflowError(f"{where}: [distill] k lists {ks!r} with a repeat; name each k once")
+        if "data" in teacher and ({"pairs_solver", "pairs_nfe"} & set(teacher)):
+            raise ReflowError(f"{where}: [teacher] pairs_solver / pairs_nfe need checkpoint = PATH, not data")
         ev = dict(raw.get("eval", {}))
         _unknown(ev, {f.name for f in fields(EvalSettings)} - {"heldout"}, "eval")
         ev.setdefault("nfes", [1, 2, 4])
@@ -308,7 +317,8 @@ def run_rounds(
         else:
             pairs = folder / "pairs"
             if k == 1:
-                solver, nfe = str(start.get("solver", "ddim")), int(start.get("nfe", 50))
+                solver = str(start.get("pairs_solver", start.get("solver", "ddim")))
+                nfe = int(start.get("pairs_nfe", start.get("nfe", 50)))
             else:
                 solver, nfe = str(pairs_cfg["solver"]), int(pairs_cfg["nfe"])
             stage(
@@ -351,38 +361,42 @@ def run_rounds(
         run / f"round-{k}" / "report" for k in range(1, recipe.rounds + 1)
     ]
     names = (["teacher"] if teacher_report is not None else []) + [f"round-{k}" for k in range(1, recipe.rounds + 1)]
+    prefixes = list(names)  # each table row's stage names start with "<prefix>/"
     if recipe.distill is not None:
         last = run / f"round-{recipe.rounds}"
         if not (last / "pairs").exists():
             raise ReflowError("[distill] needs pairs: the last round must train on pairs (rounds >= 2 from data)")
         dcfg = dict(recipe.distill)
-        k_steps = int(dcfg.pop("k", 1))
-        dest = run / "distill" / "student"
-        dest.parent.mkdir(exist_ok=True)
-        config = TrainConfig(
-            out=str(dest), pairs=str(last / "pairs"), init=str(last / "student"), distill_k=k_steps, **dcfg
-        )
-        config.extra = {"recipe": recipe.name, "round": f"distill k={k_steps}"}
+        ks = dcfg.pop("k", 1)
+        for k_steps in ks if isinstance(ks, list) else [ks]:
+            prefix = f"distill-k{k_steps}" if isinstance(ks, list) else "distill"
+            dest = run / prefix / "student"
+            dest.parent.mkdir(exist_ok=True)
+            config = TrainConfig(
+                out=str(dest), pairs=str(last / "pairs"), init=str(last / "student"), distill_k=int(k_steps), **dcfg
+            )
+            config.extra = {"recipe": recipe.name, "round": f"distill k={k_steps}"}
 
-        def do_distill(config: TrainConfig = config) -> dict[str, Any]:
-            config.resume = latest_checkpoint(Path(config.out)) is not None
-            result = train(config, progress=lambda s, t, loss, sps: note("distill", s, t, f"loss {loss:.4g}"))
-            return {"steps": result.steps, "final_loss": result.loss}
+            def do_distill(config: TrainConfig = config) -> dict[str, Any]:
+                config.resume = latest_checkpoint(Path(config.out)) is not None
+                result = train(config, progress=lambda s, t, loss, sps: note("distill", s, t, f"loss {loss:.4g}"))
+                return {"steps": result.steps, "final_loss": result.loss}
 
-        stage("distill/student", dest, do_distill, lambda: (dest / "README.md").is_file())
-        report = run / "distill" / "report"
-        stage(
-            "distill/report",
-            report,
-            lambda: eval_model([dest], report, "eval distill"),
-            lambda: (report / "metrics.json").is_file(),
-        )
-        reports.append(report)
-        names.append(f"distill-k{k_steps}")
+            stage(f"{prefix}/student", dest, do_distill, lambda d=dest: (d / "README.md").is_file())
+            report = run / prefix / "report"
+            stage(
+                f"{prefix}/report",
+                report,
+                lambda d=dest, r=report: eval_model([d], r, "eval distill"),
+                lambda r=report: (r / "metrics.json").is_file(),
+            )
+            reports.append(report)
+            names.append(f"distill-k{k_steps}")
+            prefixes.append(prefix)
 
     table = run / "report"
     if state.is_main_process:
-        combined = combine_reports(reports, names, manifest.data)
+        combined = combine_reports(reports, names, manifest.data, prefixes)
         write_report(table, Evaluation(metrics=combined, pictures={"models": {}}))
         manifest.data["complete"] = True
         manifest.data["report"] = str(table)
@@ -397,30 +411,34 @@ def _is_diffusers_checkpoint(path: Path) -> bool:
     return (path / "model_index.json").is_file() and not is_flow_pipeline(path)
 
 
-def combine_reports(reports: list[Path], names: list[str], manifest: dict[str, Any]) -> dict[str, Any]:
+def combine_reports(
+    reports: list[Path], names: list[str], manifest: dict[str, Any], prefixes: list[str] | None = None
+) -> dict[str, Any]:
     """One table across rounds from the per-round reports (same noise, reference and held-out pairs), each
     model renamed after its round, with ``cpu_minutes``: the CPU time spent making it (pairs and training
-    of its round and of every round before it; None for the starting teacher or when a stage was
-    finished by a run that was killed before it could record its time)."""
+    of its round and of every round before it; a distilled student adds its own distillation to the
+    rounds', not another distillation's; None for the starting teacher or when a stage was finished by a
+    run that was killed before it could record its time). ``prefixes``: each row's stage-name prefix in
+    the manifest (default: its name; "distill" for a row named distill-kK)."""
+    if prefixes is None:
+        prefixes = ["distill" if n.startswith("distill") else n for n in names]
     combined: dict[str, Any] | None = None
-    spent_so_far: float | None = 0.0
-    for report, name in zip(reports, names, strict=True):
+    rounds_spent: float | None = 0.0
+    for report, name, prefix in zip(reports, names, prefixes, strict=True):
         metrics = json.loads((report / "metrics.json").read_text())
         model = dict(metrics["models"][0], name=name)
         if name == "teacher":
             model["cpu_minutes"] = None
         else:
-            prefix = "distill/" if name.startswith("distill") else f"{name}/"
             spent = [
                 s.get("cpu_seconds")
                 for n, s in manifest["stages"].items()
-                if n.startswith(prefix) and not n.endswith("/report")
+                if n.startswith(f"{prefix}/") and not n.endswith("/report")
             ]
-            if spent_so_far is not None and None not in spent:
-                spent_so_far += sum(spent) / 60
-            else:
-                spent_so_far = None
-            model["cpu_minutes"] = spent_so_far
+            total = None if rounds_spent is None or None in spent else rounds_spent + sum(spent) / 60
+            if not name.startswith("distill"):
+                rounds_spent = total
+            model["cpu_minutes"] = total
         if combined is None:
             combined = {k: v for k, v in metrics.items() if k not in ("models", "figures")}
             combined["models"] = []

@@ -26,3 +26,12 @@ def cli_ok(*args):
     r = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return r
+
+
+def free_port() -> str:
+    """A TCP port free right now, for torchrun's --master_port (a fixed one collides with any other run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 
 from reflow.errors import ReflowError
 from reflow.models import load_model
@@ -119,7 +120,7 @@ def test_two_processes_write_the_same_rows_as_one(tiny_flow, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        free_port(),
         reflow,
         "generate",
         "--teacher",

@@ -7,6 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 from safetensors.torch import load_file
 
 from reflow.errors import ReflowError
@@ -147,7 +148,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29534",
+            free_port(),
             os.path.join(bindir, "reflow"),
             *args,
             "--out",
