@@ -671,7 +671,7 @@ def rounds_cmd(
 def quickstart_cmd(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("quickstart-out"),
     steps: Annotated[int, typer.Option(help="Reflow training steps (distillation takes half as many).")] = 600,
-    num_pairs: Annotated[int, typer.Option(help="DDIM-50 pairs drawn from the bundled teacher.")] = 4096,
+    num_pairs: Annotated[int, typer.Option(help="DDIM-20 pairs drawn from the bundled teacher.")] = 8192,
     eval_samples: Annotated[int, typer.Option(help="Samples per model and NFE in the report.")] = 1000,
 ) -> None:
     """The embedded default: distil the bundled digits DDPM into a one-step student and evaluate it."""

@@ -1,8 +1,10 @@
 """The embedded default run: distil the bundled digits DDPM into a one-step student and evaluate it.
 
-It is the digits recipe at a budget that fits in minutes on a laptop CPU: 4096 DDIM-50 pairs from the
-bundled teacher, one reflow round initialised from the teacher's UNet, one-step distillation, and one
-report comparing the teacher (DDIM at each NFE), the reflow student and the distilled student. It runs
+It is the digits-fewstep recipe at a budget that fits in minutes on a laptop CPU: 8192 DDIM-20 pairs from
+the bundled teacher (DDIM-20 samples are closer to the digits in W2 than DDIM-50's and as good in the
+digits classifier's features, at two fifths of the cost; the held-out pairs and the teacher's report stay
+DDIM-50), one reflow round initialised from the teacher's UNet, one-step distillation, and one report
+comparing the teacher (DDIM at each NFE), the reflow student and the distilled student. It runs
 through ``reflow.rounds``, so a killed quickstart rerun with the same folder continues where it stopped.
 """
 
@@ -15,16 +17,22 @@ from .rounds import Progress, Recipe, run_rounds
 
 BUNDLED_TEACHER = Path(__file__).resolve().parent.parent / "data" / "teachers" / "digits-ddpm"
 QUICKSTART_NFES = [1, 2, 4]
+QUICKSTART_PAIRS_NFE = 20
 
 
-def quickstart_recipe(*, steps: int = 600, num_pairs: int = 4096, num_eval: int = 1000) -> Recipe:
+def quickstart_recipe(*, steps: int = 600, num_pairs: int = 8192, num_eval: int = 1000) -> Recipe:
     """The quickstart as a recipe (``reflow rounds`` runs the same thing from a TOML file)."""
     return Recipe.from_dict(
         {
             "name": "quickstart",
             "rounds": 1,
             "seed": 0,
-            "teacher": {"checkpoint": str(BUNDLED_TEACHER), "solver": "ddim", "nfe": 50},
+            "teacher": {
+                "checkpoint": str(BUNDLED_TEACHER),
+                "solver": "ddim",
+                "nfe": 50,
+                "pairs_nfe": QUICKSTART_PAIRS_NFE,
+            },
             "pairs": {"num_pairs": num_pairs, "heldout": min(512, num_pairs), "batch_size": 512},
             "train": {
                 "max_steps": steps,
@@ -63,7 +71,7 @@ def run_quickstart(
     out: str | Path,
     *,
     steps: int = 600,
-    num_pairs: int = 4096,
+    num_pairs: int = 8192,
     num_eval: int = 1000,
     device: Any = "cpu",
     progress: Progress | None = None,
