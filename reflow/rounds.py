@@ -13,7 +13,7 @@ trains, whether to distil the last student, and how to evaluate::
     num_pairs = 16384
     solver = "euler"
     nfe = 16
-    heldout = 1024       # held-out pairs of the starting teacher, for fidelity
+    heldout = 1024       # held-out pairs of the starting teacher (from data: of 1-RF), for fidelity
     [train]              # reflow.training.TrainConfig names, for every round; [train.round2] overrides
     max_steps = 2000
     [distill]            # optional: distil the last round's student on its pairs
@@ -23,11 +23,12 @@ trains, whether to distil the last student, and how to evaluate::
     reference = "digits"
 
 Layout of RUN: ``round-k/{pairs, student, report, manifest.json}`` (round 1 from data has no pairs),
-``heldout/`` (the starting teacher's held-out pairs), ``teacher/report`` (a checkpoint teacher at its own
-solver's NFEs), ``distill/{student, report}`` (``distill-kK/`` per K for a list of k), ``report/`` (one table
-across rounds) and ``manifest.json``. The student of round k is the teacher of round k + 1. Every stage
-writes its output atomically or resumes itself (pairs by shard, training from its last checkpoint), so a run
-killed at any point and rerun with the same command skips what is finished and resumes what is not.
+``heldout/`` (the starting teacher's held-out pairs; from data, 1-RF's with the [pairs] solver),
+``teacher/report`` (a checkpoint teacher at its own solver's NFEs), ``distill/{student, report}``
+(``distill-kK/`` per K for a list of k), ``report/`` (one table across rounds) and ``manifest.json``. The
+student of round k is the teacher of round k + 1. Every stage writes its output atomically or resumes
+itself (pairs by shard, training from its last checkpoint), so a run killed at any point and rerun with
+the same command skips what is finished and resumes what is not.
 """
 
 from __future__ import annotations
@@ -338,6 +339,19 @@ def run_rounds(
             return {"steps": result.steps, "final_loss": result.loss}
 
         stage(f"round-{k}/student", student, do_train, lambda s=student: (s / "README.md").is_file())
+        if previous is None and int(pairs_cfg["heldout"]) > 0:
+            # Round 1 from data has no teacher to be faithful to; 1-RF is the teacher of every later round,
+            # so its held-out pairs (the [pairs] solver and NFE, seeds apart from round 2's) are theirs.
+            heldout = run / "heldout"
+            solver, nfe = str(pairs_cfg["solver"]), int(pairs_cfg["nfe"])
+            stage(
+                "heldout",
+                heldout,
+                lambda s=str(student), sv=solver, n=nfe, d=heldout: pairs_of(
+                    s, sv, n, d, int(pairs_cfg["heldout"]), recipe.seed + 1, 1
+                ),
+                pairs_done(heldout),
+            )
         report = folder / "report"
         stage(
             f"round-{k}/report",

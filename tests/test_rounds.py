@@ -5,7 +5,9 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
+from datasets import load_from_disk
 from helpers import free_port
 from reflow.cli.app import app
 from typer.testing import CliRunner
@@ -74,7 +76,7 @@ def test_two_rounds_killed_midway_resume_and_complete(tmp_path):
     # finished stages were skipped, not redone
     for name in ("round-1/student", "round-1/report", "round-2/pairs"):
         assert after["stages"][name] == before["stages"][name]
-    stages = {"round-1/student", "round-1/report", "round-2/pairs", "round-2/student", "round-2/report"}
+    stages = {"round-1/student", "heldout", "round-1/report", "round-2/pairs", "round-2/student", "round-2/report"}
     assert stages | {"distill/student", "distill/report"} == set(after["stages"])
     assert all(s["status"] == "done" for s in after["stages"].values())
     assert after["stages"]["round-2/student"]["steps"] == 30
@@ -89,6 +91,25 @@ def test_two_rounds_killed_midway_resume_and_complete(tmp_path):
         assert m["round"] == k and all(n.startswith(f"round-{k}/") for n in m["stages"])
     table = json.loads((run / "report" / "metrics.json").read_text())
     assert [m["name"] for m in table["models"]] == ["round-1", "round-2", "distill-k1"]
+    # From data, fidelity is to 1-RF (the teacher of every later round): its held-out Euler-8 pairs,
+    # drawn from other noise than round 2's pairs; checked against a plain `reflow sample` of round 2.
+    held = json.loads((run / "heldout" / "reflow_pairs.json").read_text())
+    assert held["teacher"]["teacher"] == str((run / "round-1" / "student").resolve())
+    assert (held["teacher"]["solver"], held["teacher"]["nfe"]) == ("euler", 8)
+    ds, r2 = load_from_disk(str(run / "heldout")).with_format("numpy"), load_from_disk(str(run / "round-2" / "pairs"))
+    z0, z1 = np.stack(ds["z0"]).astype(np.float32), np.stack(ds["z1"]).astype(np.float32)
+    assert not np.isin(z0[:, 0], np.stack(r2.with_format("numpy")["z0"])[:, 0]).any()
+    np.save(tmp_path / "z0.npy", z0)
+    out = tmp_path / "x.npy"
+    s = CliRunner().invoke(
+        app,
+        ["sample", "--model", str(run / "round-2" / "student"), "--nfe", "1"]
+        + ["--noise", str(tmp_path / "z0.npy"), "--out", str(out)],
+    )
+    assert s.exit_code == 0, s.output
+    mse = float(((np.load(out) - z1) ** 2).mean())
+    assert 0 < mse < 0.5
+    assert table["models"][1]["nfe"]["1"]["mse_teacher"] == pytest.approx(mse, rel=1e-4)
     assert table["models"][1]["cpu_minutes"] is not None  # the resumed stage is timed from the rerun
     assert "round-2" in r.output and "distill-k1" in r.output
     assert (run / "report" / "report.md").is_file() and (run / "report" / "quality_vs_nfe.png").is_file()
