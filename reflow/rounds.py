@@ -280,21 +280,21 @@ def run_rounds(
             result = evaluate(models, settings, device=device, progress=lambda s, d, t: note(name, d, t))
             write_report(report, result)
 
+    def heldout_of(teacher: str, solver: str, nfe: int) -> Path | None:
+        """The held-out pairs every report measures fidelity on (None when the recipe asks for none)."""
+        n = int(pairs_cfg["heldout"])
+        if n <= 0:
+            return None
+        dest = run / "heldout"
+        stage("heldout", dest, lambda: pairs_of(teacher, solver, nfe, dest, n, recipe.seed + 1, 1), pairs_done(dest))
+        return dest
+
     # The starting teacher: its held-out pairs (fidelity of every round to it) and its own report.
     teacher_path = start.get("checkpoint")
     teacher_report = None
     if teacher_path is not None:
         solver, nfe = str(start.get("solver", "ddim")), int(start.get("nfe", 50))
-        heldout = run / "heldout"
-        if int(pairs_cfg["heldout"]) > 0:
-            stage(
-                "heldout",
-                heldout,
-                lambda: pairs_of(teacher_path, solver, nfe, heldout, int(pairs_cfg["heldout"]), recipe.seed + 1, 1),
-                pairs_done(heldout),
-            )
-        else:
-            heldout = None
+        heldout = heldout_of(teacher_path, solver, nfe)
         if _is_diffusers_checkpoint(Path(teacher_path)):
             teacher_report = run / "teacher" / "report"
             stage(
@@ -339,19 +339,10 @@ def run_rounds(
             return {"steps": result.steps, "final_loss": result.loss}
 
         stage(f"round-{k}/student", student, do_train, lambda s=student: (s / "README.md").is_file())
-        if previous is None and int(pairs_cfg["heldout"]) > 0:
+        if previous is None:
             # Round 1 from data has no teacher to be faithful to; 1-RF is the teacher of every later round,
             # so its held-out pairs (the [pairs] solver and NFE, seeds apart from round 2's) are theirs.
-            heldout = run / "heldout"
-            solver, nfe = str(pairs_cfg["solver"]), int(pairs_cfg["nfe"])
-            stage(
-                "heldout",
-                heldout,
-                lambda s=str(student), sv=solver, n=nfe, d=heldout: pairs_of(
-                    s, sv, n, d, int(pairs_cfg["heldout"]), recipe.seed + 1, 1
-                ),
-                pairs_done(heldout),
-            )
+            heldout = heldout_of(str(student), str(pairs_cfg["solver"]), int(pairs_cfg["nfe"]))
         report = folder / "report"
         stage(
             f"round-{k}/report",

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 from datasets import load_from_disk
-from helpers import free_port
+from helpers import cli_ok, free_port
 from reflow.cli.app import app
 from typer.testing import CliRunner
 
@@ -101,12 +101,7 @@ def test_two_rounds_killed_midway_resume_and_complete(tmp_path):
     assert not np.isin(z0[:, 0], np.stack(r2.with_format("numpy")["z0"])[:, 0]).any()
     np.save(tmp_path / "z0.npy", z0)
     out = tmp_path / "x.npy"
-    s = CliRunner().invoke(
-        app,
-        ["sample", "--model", str(run / "round-2" / "student"), "--nfe", "1"]
-        + ["--noise", str(tmp_path / "z0.npy"), "--out", str(out)],
-    )
-    assert s.exit_code == 0, s.output
+    cli_ok("sample", "--model", run / "round-2" / "student", "--nfe", 1, "--noise", tmp_path / "z0.npy", "--out", out)
     mse = float(((np.load(out) - z1) ** 2).mean())
     assert 0 < mse < 0.5
     assert table["models"][1]["nfe"]["1"]["mse_teacher"] == pytest.approx(mse, rel=1e-4)
