@@ -1,15 +1,170 @@
-"""Small file-system helpers: outputs appear complete or not at all."""
+"""Small file-system helpers: outputs appear complete or not at all, and never land on what the user
+did not ask for.
+
+The output rule, used by every command that writes:
+
+- an output never equals an input and never lies inside an input folder;
+- an output that exists is used only when it is this command's own earlier output, recognised by the
+  marker the command wrote (``.reflow-output.json`` in a folder, ``NAME.reflow.json`` beside a file);
+  an empty folder counts as new;
+- where it will be written is checked for writability before any work starts;
+- temporary names carry the host and pid of their writer, so a later run removes the debris of a
+  killed one (and never a live writer's).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from .errors import ReflowError
+
+MARKER = ".reflow-output.json"
+"""The file inside a folder output that says which reflow command wrote it."""
+
+
+def _tmp_name(path: Path, tag: str = "tmp") -> Path:
+    """A temporary name beside ``path`` that records its writer: ``.NAME.tmp-HOST-PID-RANDOM``."""
+    host = socket.gethostname().replace("-", "_")
+    return path.parent / f".{path.name}.{tag}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def writer_alive(host: str, pid: int) -> bool:
+    """Whether the process ``pid`` on ``host`` may still be running (another host: assume it is)."""
+    return host != socket.gethostname().replace("-", "_") or _pid_alive(pid)
+
+
+def clean_debris(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of ``path`` (``.NAME.tmp-*``, ``.NAME.old-*``) whose writer on this
+    host is dead, and ``.NAME.tmp.*`` files of older versions; returns what was removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for p in path.parent.glob(f".{path.name}.*"):
+        rest = p.name[len(path.name) + 2 :]
+        tag, _, owner = rest.partition("-")
+        if tag not in ("tmp", "old") and not rest.startswith("tmp."):
+            continue
+        parts = owner.rsplit("-", 2)
+        if len(parts) == 3 and parts[1].isdigit() and writer_alive(parts[0], int(parts[1])):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _marker_file(path: Path, kind: Literal["dir", "file"]) -> Path:
+    return path / MARKER if kind == "dir" else path.with_name(path.name.removesuffix(path.suffix) + ".reflow.json")
+
+
+def mark_output(path: str | os.PathLike, command: str, kind: Literal["dir", "file"] = "dir", **info: Any) -> None:
+    """Record that ``reflow <command>`` wrote ``path`` (see :func:`claim_output`)."""
+    from . import __version__
+
+    atomic_write_json(_marker_file(Path(path), kind), {"command": command, "reflow_version": __version__, **info})
+
+
+def output_owner(path: str | os.PathLike, kind: Literal["dir", "file"] = "dir") -> str | None:
+    """The command recorded in ``path``'s marker, or None when there is no readable marker."""
+    try:
+        return json.loads(_marker_file(Path(path), kind).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail now, with one line, if ``path`` (or the folder it would be made in) cannot be written: a
+    probe file is created and removed, which also catches read-only mounts and a full disk."""
+    path = Path(path)
+    target = path if path.is_dir() else _nearest_existing(path.parent)
+    if not target.is_dir():
+        raise ReflowError(f"{flag} {path}: {target} is a file, not a folder; pick another {flag}")
+    probe = _tmp_name(target / "write-probe")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"reflow")
+    except OSError as e:
+        raise ReflowError(f"{flag} {path}: cannot write in {target} ({e.strerror}); pick a writable {flag}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def claim_output(
+    path: str | os.PathLike,
+    command: str,
+    *,
+    kind: Literal["dir", "file"] = "dir",
+    inputs: Iterable[str | os.PathLike | None] = (),
+    legacy: tuple[str, ...] = (),
+    flag: str = "--out",
+) -> Path:
+    """Check, before any work, that ``reflow <command>`` may write ``path`` (the output rule above); removes
+    the debris of killed earlier runs. ``legacy``: files whose presence marks a folder written by an older
+    version of the same command. Raises :class:`ReflowError` with the fix."""
+    path = Path(path)
+    full = path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if _same_or_inside(full, source):
+            raise ReflowError(f"{flag} {path} is (inside) the input {given}; pick an output outside every input")
+    if kind == "file" and full.suffix == ".json" and full.name.endswith(".reflow.json"):
+        raise ReflowError(f"{flag} {path}: that name is reserved for reflow's own markers; pick another")
+    if path.exists():
+        what = "folder" if kind == "dir" else "file"
+        if kind == "dir" and not path.is_dir():
+            raise ReflowError(f"{flag} {path} is a file; {flag} takes a folder to write")
+        if kind == "file" and path.is_dir():
+            raise ReflowError(f"{flag} {path} is a folder; {flag} takes a file name like samples.npy")
+        own = output_owner(path, kind) == command or any((path / name).is_file() for name in legacy)
+        empty = kind == "dir" and not any(path.iterdir())
+        if not (own or empty):
+            raise ReflowError(
+                f"{flag} {path} exists and was not written by `reflow {command}`; pick a new {flag} "
+                f"(reflow never writes into or over a {what} it did not make)"
+            )
+    clean_debris(path)
+    check_writable(path, flag)
+    return path
+
+
+def is_disk_error(error: BaseException) -> bool:
+    """A full disk, a quota or a read-only file system, however the library that hit it reported it
+    (torch's zip writer raises RuntimeError "file write failed")."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("No space left" in text or "file write failed" in text)
 
 
 @contextlib.contextmanager
@@ -20,7 +175,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _tmp_name(path)
     tmp.mkdir()
     try:
         yield tmp
@@ -31,7 +186,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(path)
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        old = _tmp_name(path, "old")
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -43,7 +198,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path`` and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
