@@ -40,17 +40,34 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
 def user_errors(fn):
-    """Show a ReflowError as one red line and exit with code 2; anything else is a bug with a traceback."""
+    """Show a ReflowError, a full disk or a read-only file system as one red line and exit with code 2;
+    anything else is a bug with a traceback. Outputs are written through temporary names, so a failed
+    write leaves nothing half-written; finished shards and checkpoints are kept for a rerun."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from reflow.io import is_disk_error
+
         try:
             _quiet_libraries()
             return fn(*args, **kwargs)
         except ReflowError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
+            raise _fail(str(e)) from None
+        except (OSError, RuntimeError) as e:
+            if not is_disk_error(e):
+                raise
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            reason = getattr(e, "strerror", None) or "no space left on device"
+            raise _fail(
+                f"{reason}{where}; free disk space or pick a location you can write, then rerun the same "
+                "command (finished work is kept)"
+            ) from None
 
     return wrapper
 
@@ -470,12 +487,13 @@ def sample_cmd(
     decode: Annotated[
         bool, typer.Option("--decode", help="Text-to-image models: write VAE-decoded images in [-1, 1], not latents.")
     ] = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Draw samples from a flow model in K network calls (conditional models: with --labels or --prompts;
     the labels or prompts used go to OUT with .labels.npy / .prompts.txt in place of .npy)."""
     import torch
 
-    from reflow.io import atomic_write_bytes
+    from reflow.io import atomic_write_bytes, claim_output, mark_output, output_owner
     from reflow.models import load_model
     from reflow.noise import row_noise
     from reflow.sampling import sample
@@ -487,9 +505,18 @@ def sample_cmd(
         raise ReflowError(f"--nfe must be at least 1, got {nfe}")
     if (num is None) == (noise is None):
         raise ReflowError("give exactly one of --num (with --seed) or --noise z0.npy")
+    if batch_size < 1:
+        raise ReflowError(f"--batch-size must be at least 1, got {batch_size}")
     if out.suffix != ".npy":
         raise ReflowError(f"--out must end in .npy, got {out}")
-    m = load_model(model).to(_device()).eval()
+    claim_output(out, "sample", kind="file", inputs=[model, noise])
+    extras = [out.with_suffix(".labels.npy"), out.with_suffix(".prompts.txt")]
+    for extra_file in extras:
+        if noise is not None and extra_file.resolve() == noise.resolve():
+            raise ReflowError(f"--out {out} would write {extra_file}, the --noise input; pick another --out")
+        if extra_file.exists() and output_owner(out, "file") != "sample":
+            raise ReflowError(f"{extra_file} exists and was not written by `reflow sample`; pick a new --out")
+    m = load_model(model, allow_pickle=allow_pickle).to(_device()).eval()
     shape = tuple(m.sample_shape)
     if noise is not None:
         if not noise.is_file():
@@ -500,6 +527,12 @@ def sample_cmd(
             raise ReflowError(f"{noise}: not a plain numeric .npy array ({e})") from None
         if arr.ndim < 1 or tuple(arr.shape[1:]) != shape:
             raise ReflowError(f"{noise} has shape {arr.shape}; this model needs (N, {', '.join(map(str, shape))})")
+        if len(arr) == 0:
+            raise ReflowError(f"{noise} holds no rows (shape {arr.shape}); pass at least one noise row")
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise ReflowError(f"{noise} holds {arr.dtype} values; pass real-valued float noise")
+        if not np.isfinite(arr).all():
+            raise ReflowError(f"{noise} contains NaN or inf values; pass finite noise")
         z0 = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     else:
         if num < 1:
@@ -527,7 +560,7 @@ def sample_cmd(
 
         texts = read_prompts(prompts)
         texts = [texts[i % len(texts)] for i in range(len(z0))]
-        cond = {"encoder_hidden_states": PromptEncoder(model)(texts)}
+        cond = {"encoder_hidden_states": PromptEncoder(model, allow_pickle=allow_pickle)(texts)}
         extra = (out.with_suffix(".prompts.txt"), ("\n".join(texts) + "\n").encode())
     elif labels or prompts is not None:
         raise ReflowError(f"{model} is unconditional; drop --labels / --prompts")
@@ -539,12 +572,17 @@ def sample_cmd(
     if decode:
         from reflow.text_teacher import decode_latents
 
-        z1 = decode_latents(model, z1)
+        z1 = decode_latents(model, z1, allow_pickle=allow_pickle)
+    bad = int((~torch.isfinite(z1)).flatten(1).any(1).sum())
+    if bad:
+        raise ReflowError(f"{model} produced NaN or inf in {bad} of {len(z1)} samples; nothing written (check the model)")
     buf = io.BytesIO()
     np.save(buf, z1.numpy().astype(np.float32))
     if extra is not None:
         atomic_write_bytes(*extra)
     atomic_write_bytes(out, buf.getvalue())
+    mark_output(out, "sample", kind="file", model=str(model), nfe=nfe, solver=solver, count=len(z0),
+                seed=None if noise is not None else seed, noise=None if noise is None else str(noise))
     console.print(
         f"wrote [bold]{out}[/bold]: {len(z0)} samples of shape {tuple(z1.shape[1:])}, {sol.nfe} network calls"
     )
@@ -616,12 +654,14 @@ def eval_cmd(
     null_label: Annotated[
         int | None, typer.Option(help="Class-conditional checkpoints: the unconditional class for guidance.")
     ] = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Few-step quality (W2; FD/KID in a feature space), fidelity to the teacher and straightness, as one
     report comparing every --model from the same noise. Class-conditional models: samples cycle through the
     classes, with per-class W2 and (digits) classifier agreement; text-to-image models: the prompts of the
     --heldout pairs, quality in latent space against --reference (the pairs' z1)."""
     from reflow.evaluation import EvalSettings, evaluate
+    from reflow.io import claim_output
     from reflow.report import write_report
 
     settings = EvalSettings(
@@ -636,7 +676,10 @@ def eval_cmd(
         inception_weights=None if inception_weights is None else str(inception_weights),
         guidance_scale=guidance_scale,
         null_label=null_label,
+        allow_pickle=allow_pickle,
     )
+    inputs = [*model, heldout, inception_weights, reference if Path(reference).exists() else None]
+    claim_output(out, "eval", inputs=inputs)
     if inception_weights is not None and not inception_weights.is_file():
         raise ReflowError(f"no such file: {inception_weights} (--inception-weights takes the Inception weights file)")
     with _Bar("eval") as bar:

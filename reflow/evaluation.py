@@ -75,6 +75,7 @@ class EvalSettings:
     kid_subset_size: int = 1000
     w2_max_cells: int = 25_000_000  # exact W2 when num_samples x reference rows is at most this
     batch_size: int = 1024
+    allow_pickle: bool = False  # load pickle (.bin) weights of models you trust
 
     def check(self) -> None:
         if not self.nfes or any(k < 1 for k in self.nfes):
@@ -116,7 +117,12 @@ class _Model:
 
             self.kind = "diffusers"
             self.teacher = load_teacher(
-                path, nfe=settings.teacher_nfe, solver=settings.teacher_solver, device=device, **guidance
+                path,
+                nfe=settings.teacher_nfe,
+                solver=settings.teacher_solver,
+                device=device,
+                allow_pickle=settings.allow_pickle,
+                **guidance,
             )
             self.conditioning = getattr(self.teacher, "conditioning", None) or (
                 "class" if self.teacher.num_classes is not None else None
@@ -128,7 +134,7 @@ class _Model:
                 self.solver += f", guidance {guidance['guidance_scale']:g}"
         else:
             self.kind = "flow"
-            self.model = load_model(path).to(device).eval()
+            self.model = load_model(path, allow_pickle=settings.allow_pickle).to(device).eval()
             self.conditioning = getattr(self.model, "conditioning", None)
             self.label_choices = None
             if self.conditioning == "class":
@@ -300,7 +306,8 @@ def _fidelity_pairs(settings: EvalSettings, shape: tuple[int, ...]) -> _Heldout:
     if reader.conditioning == "text" and not reader.has_embeddings:
         from .text_teacher import PromptEncoder
 
-        encoder = PromptEncoder((reader.provenance.get("teacher") or {}).get("teacher", ""))
+        teacher = (reader.provenance.get("teacher") or {}).get("teacher", "")
+        encoder = PromptEncoder(teacher, allow_pickle=settings.allow_pickle)
         reader.attach_prompt_embeddings(encoder(reader.unique_prompts()))
     z0, z1, cond = reader.batch(torch.arange(len(reader)))
     if is_image(shape) and reader.conditioning != "text":

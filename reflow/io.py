@@ -111,7 +111,8 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
     except OSError as e:
         raise ReflowError(f"{flag} {path}: cannot write in {target} ({e.strerror}); pick a writable {flag}") from None
     finally:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
 
 
 def _same_or_inside(a: Path, b: Path) -> bool:

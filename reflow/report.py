@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .evaluation import Evaluation, safe_name
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text, mark_output
 
 LABELS = {
     "w2": "W2 to data",
@@ -131,9 +131,12 @@ def report_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _plot_quality(metrics: dict[str, Any], out: Path) -> str | None:
@@ -255,11 +258,11 @@ def write_report(report: str | Path, evaluation: Evaluation, *, figures: bool = 
     """Write REPORT/metrics.json, REPORT/report.md and (``figures``) the PNGs; returns metrics.json's path."""
     out = Path(report)
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(".*.tmp*"):  # a killed or failed earlier write (a full disk, say)
+        leftover.unlink(missing_ok=True)
+    mark_output(out, "eval")
     files = write_figures(evaluation, out) if figures else []
     metrics = dict(evaluation.metrics, figures=files)
-    md = out / "report.md"
-    tmp = md.with_name(".report.md.tmp")
-    tmp.write_text(report_markdown(metrics, files))
-    os.replace(tmp, md)
+    atomic_write_text(out / "report.md", report_markdown(metrics, files))
     atomic_write_json(out / "metrics.json", metrics)
     return out / "metrics.json"

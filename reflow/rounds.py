@@ -44,7 +44,7 @@ from typing import Any
 from . import __version__
 from .errors import ReflowError
 from .evaluation import EvalSettings, Evaluation, evaluate
-from .io import atomic_write_json
+from .io import atomic_write_json, claim_output, mark_output
 from .report import write_report
 from .training import TrainConfig, latest_checkpoint, read_toml, train
 
@@ -213,8 +213,14 @@ def run_rounds(
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_toml(recipe)
     run = Path(out)
-    run.mkdir(parents=True, exist_ok=True)
     state = partial_state()
+    if state.is_main_process:
+        # an existing folder is used only when it is a run of ours (its marker; manifest.json before markers)
+        inputs = [recipe.teacher.get("checkpoint"), recipe.teacher.get("data")]
+        claim_output(run, "rounds", inputs=[i for i in inputs if i and Path(i).exists()], legacy=("manifest.json",))
+        run.mkdir(parents=True, exist_ok=True)
+        mark_output(run, "rounds", recipe=recipe.name)
+    state.wait_for_everyone()
     manifest = _Manifest(run, recipe) if state.is_main_process else None
     state.wait_for_everyone()
     if manifest is None:
