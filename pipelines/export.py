@@ -57,12 +57,22 @@ def save_student(
       VAE, text encoder and tokenizer of ``components`` (the teacher's Stable Diffusion folder); it samples
       with ``pipe(prompt, num_inference_steps=k, guidance_scale=1.0)`` (guidance is baked into the pairs);
     - anything else (an MLP): a ``save_pretrained`` folder.
+
+    Every one gets ``reflow_weights.json`` (``reflow.models.WEIGHTS_RECORD``): the size and sha256 of each
+    weights file, which reflow checks on every load, so weights whose bytes changed never load silently.
     """
+    from reflow.models import record_weights
+
+    folder = Path(folder)
+    _save_folder(model, folder, components=components, null_label=null_label)
+    record_weights(folder)
+
+
+def _save_folder(model: nn.Module, folder: Path, *, components: str | Path | None, null_label: int | None) -> None:
     from diffusers import DDPMPipeline
 
     from reflow.models import UNetFlow
 
-    folder = Path(folder)
     if not isinstance(model, UNetFlow):
         model.save_pretrained(str(folder), safe_serialization=True)
         return

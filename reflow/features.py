@@ -129,6 +129,9 @@ def load_feature_net(folder: str | os.PathLike) -> DigitsNet:
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ReflowError(f"{config_path} is not a DigitsNet config ({type(e).__name__}: {e}); {_TRAIN_HINT}") from None
+    from .models import check_weights
+
+    check_weights(folder)  # a folder with reflow_weights.json: its bytes are the ones written
     try:
         state = load_file(str(weights_path))
         model.load_state_dict(state)

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -46,6 +48,7 @@ from .errors import ReflowError
 from .evaluation import EvalSettings, Evaluation, evaluate
 from .io import atomic_write_json, claim_output, mark_output
 from .report import write_report
+from .settings import check_types, check_values
 from .training import TrainConfig, latest_checkpoint, read_toml, train
 
 Progress = Callable[..., None]
@@ -56,13 +59,92 @@ _GUIDANCE = ("guidance_scale", "null_label", "negative_prompt", "clipped_model_o
 _TEACHER = {"data", "checkpoint", "solver", "nfe", "pairs_solver", "pairs_nfe", *_GUIDANCE}
 _PAIRS = {"num_pairs", "solver", "nfe", "heldout", "batch_size", "dtype", "labels", "prompts", "store_embeddings"}
 _DISTILL = {"k", "max_steps", "batch_size", "lr", "loss", "time_sampler", "ema_decay", "warmup_steps", "seed"}
+# The type of each setting outside [train], [distill] and [eval] (those take TrainConfig's and EvalSettings').
+_TYPES: dict[str, dict[str, Any]] = {
+    "": {
+        "rounds": int,
+        "seed": int,
+        "name": str,
+        **dict.fromkeys(["teacher", "pairs", "train", "distill", "eval"], dict),
+    },
+    "teacher": {
+        **dict.fromkeys(["data", "checkpoint", "solver", "pairs_solver", "negative_prompt"], str),
+        **dict.fromkeys(["nfe", "pairs_nfe", "null_label"], int),
+        "guidance_scale": float,
+        "clipped_model_output": bool,
+    },
+    "pairs": {
+        **dict.fromkeys(["num_pairs", "nfe", "heldout", "batch_size"], int),
+        **dict.fromkeys(["solver", "dtype", "prompts"], str),
+        "labels": list[int],
+        "store_embeddings": bool,
+    },
+}
 
 
-def _unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+def _unknown(table: dict[str, Any], known: set[str], where: str, label: str = "") -> None:
     extra = sorted(set(table) - known)
     if extra:
         names, choices = ", ".join(extra), ", ".join(sorted(known))
-        raise ReflowError(f"recipe [{where}]: unknown setting(s) {names} (known: {choices})")
+        place = f"[{label}]" if label else "top level:"
+        raise ReflowError(f"{where}: {place} unknown setting(s) {names} (known: {choices})")
+
+
+def _names(message: str) -> str:
+    """A training or evaluation error as a recipe names things: ``--max-steps`` -> ``max_steps``."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m[1].replace("-", "_"), message)
+
+
+def _check_train(values: dict[str, Any], where: str, label: str, **paths: Any) -> None:
+    """The checks training makes of its settings before it starts (ranges, choices), made now."""
+    from .noise import MAX_SEED
+    from .training import _check
+
+    try:
+        config = TrainConfig(out="recipe", **paths, **values)
+        _check(config)
+    except ReflowError as e:
+        raise ReflowError(f"{where}: [{label}] {_names(str(e))}") from None
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ReflowError(f"{where}: [{label}] seed must be in [0, {MAX_SEED}], got {config.seed}")
+
+
+def _check_teacher(teacher: dict[str, Any], where: str) -> None:
+    from .diffusers_teacher import DIFFUSERS_SOLVERS
+    from .solvers import SOLVERS
+
+    if ("data" in teacher) == ("checkpoint" in teacher):
+        raise ReflowError(f"{where}: [teacher] needs exactly one of data = SOURCE or checkpoint = PATH")
+    if "data" in teacher and ({"pairs_solver", "pairs_nfe"} & set(teacher)):
+        raise ReflowError(f"{where}: [teacher] pairs_solver / pairs_nfe need checkpoint = PATH, not data")
+    for key in ("solver", "pairs_solver"):
+        if key in teacher and teacher[key] not in (*DIFFUSERS_SOLVERS, *SOLVERS):
+            choices = ", ".join((*DIFFUSERS_SOLVERS, *SOLVERS))
+            raise ReflowError(f"{where}: [teacher] {key} must be one of {choices}, got {teacher[key]!r}")
+    for key in ("nfe", "pairs_nfe"):
+        if teacher.get(key, 1) < 1:
+            raise ReflowError(f"{where}: [teacher] {key} must be at least 1, got {teacher[key]}")
+    if not 0 <= teacher.get("guidance_scale", 0) < math.inf:
+        scale = teacher["guidance_scale"]
+        raise ReflowError(f"{where}: [teacher] guidance_scale must be a finite number >= 0, got {scale}")
+    if teacher.get("null_label", 0) < 0:
+        raise ReflowError(f"{where}: [teacher] null_label must be a class index >= 0, got {teacher['null_label']}")
+
+
+def _check_pairs(pairs: dict[str, Any], where: str) -> None:
+    from .solvers import SOLVERS
+
+    for key in ("num_pairs", "nfe", "batch_size"):
+        if pairs[key] < 1:
+            raise ReflowError(f"{where}: [pairs] {key} must be at least 1, got {pairs[key]}")
+    if pairs["heldout"] < 0:
+        raise ReflowError(f"{where}: [pairs] heldout must be 0 (no held-out pairs) or more, got {pairs['heldout']}")
+    if pairs["solver"] not in SOLVERS:
+        raise ReflowError(f"{where}: [pairs] solver must be one of {', '.join(SOLVERS)}, got {pairs['solver']!r}")
+    if pairs.get("dtype", "float32") not in ("float32", "float16"):
+        raise ReflowError(f"{where}: [pairs] dtype must be float32 or float16, got {pairs['dtype']!r}")
+    if any(label < 0 for label in pairs.get("labels") or []):
+        raise ReflowError(f"{where}: [pairs] labels must be class indices >= 0, got {pairs['labels']}")
 
 
 @dataclass
@@ -81,46 +163,72 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "recipe") -> Recipe:
-        _unknown(raw, _TOP, "top level")
-        teacher = dict(raw.get("teacher", {}))
-        _unknown(teacher, _TEACHER, "teacher")
-        if ("data" in teacher) == ("checkpoint" in teacher):
-            raise ReflowError(f"{where}: [teacher] needs exactly one of data = SOURCE or checkpoint = PATH")
+        """Check every name and value before any work (types against the tables above, TrainConfig and
+        EvalSettings; the ranges training and evaluation check when they start); every error line starts
+        with ``where``, the recipe's path."""
+        from .noise import MAX_SEED
+
+        _unknown(raw, _TOP, where)
+        check_types(raw, _TYPES[""], where)
         rounds = raw.get("rounds", 1)
-        if not isinstance(rounds, int) or rounds < 1:
+        if rounds < 1:
             raise ReflowError(f"{where}: rounds must be a positive integer, got {rounds!r}")
+        seed = raw.get("seed", 0)
+        if not 0 <= seed <= MAX_SEED - rounds:
+            raise ReflowError(f"{where}: seed must be in [0, {MAX_SEED - rounds}], got {seed}")
+        teacher = dict(raw.get("teacher", {}))
+        _unknown(teacher, _TEACHER, where, "teacher")
+        check_types(teacher, _TYPES["teacher"], where, "teacher")
+        _check_teacher(teacher, where)
         pairs = {"num_pairs": 10_000, "solver": "euler", "nfe": 16, "heldout": 1024, "batch_size": 1024}
         pairs.update(raw.get("pairs", {}))
-        _unknown(pairs, _PAIRS, "pairs")
+        _unknown(pairs, _PAIRS, where, "pairs")
+        check_types(pairs, _TYPES["pairs"], where, "pairs")
+        _check_pairs(pairs, where)
         train_table = dict(raw.get("train", {}))
         round_train = {}
         for key in [k for k in train_table if k.startswith("round")]:
             value = train_table.pop(key)
             if not key[5:].isdigit() or not isinstance(value, dict):
                 raise ReflowError(f"{where}: [train.{key}] must be a table named round1, round2, ...")
+            if not 1 <= int(key[5:]) <= rounds:
+                raise ReflowError(f"{where}: [train.{key}] never applies: rounds = {rounds}; drop it or raise rounds")
             round_train[int(key[5:])] = value
         known_train = {f.name for f in fields(TrainConfig)} - {"out", "data", "pairs", "init", "resume", "distill_k"}
         for table, label in [(train_table, "train"), *((v, f"train.round{k}") for k, v in round_train.items())]:
-            _unknown(table, known_train | {"init"}, label)
+            _unknown(table, known_train | {"init"}, where, label)
+            check_values(TrainConfig, table, where, label)
             if table.get("init", "auto") not in ("auto", "fresh"):
                 raise ReflowError(f"{where}: [{label}] init must be auto (the round's teacher) or fresh")
+            merged = {**train_table, **table} if label != "train" else table
+            _check_train({k: v for k, v in merged.items() if k != "init"}, where, label, data="recipe")
         distill = raw.get("distill")
         if distill is not None:
-            _unknown(distill, _DISTILL, "distill")
+            _unknown(distill, _DISTILL, where, "distill")
             ks = distill.get("k", 1)
             listed = ks if isinstance(ks, list) else [ks]
             if not listed or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in listed):
                 raise ReflowError(f"{where}: [distill] k must be a positive integer or a list of them, got {ks!r}")
             if len(set(listed)) != len(listed):
                 raise ReflowError(f"{where}: [distill] k lists {ks!r} with a repeat; name each k once")
-        if "data" in teacher and ({"pairs_solver", "pairs_nfe"} & set(teacher)):
-            raise ReflowError(f"{where}: [teacher] pairs_solver / pairs_nfe need checkpoint = PATH, not data")
+            rest = {k: v for k, v in distill.items() if k != "k"}
+            check_values(TrainConfig, rest, where, "distill")
+            _check_train(rest, where, "distill", pairs="recipe", init="recipe", distill_k=listed[0])
+            if "data" in teacher and rounds < 2:
+                raise ReflowError(
+                    f"{where}: [distill] needs pairs, and round 1 from data trains without: set rounds >= 2"
+                )
         ev = dict(raw.get("eval", {}))
-        _unknown(ev, {f.name for f in fields(EvalSettings)} - {"heldout"}, "eval")
+        _unknown(ev, {f.name for f in fields(EvalSettings)} - {"heldout"}, where, "eval")
+        check_values(EvalSettings, ev, where, "eval")
         ev.setdefault("nfes", [1, 2, 4])
         ev.setdefault("reference", teacher.get("data"))
         if ev["reference"] is None:
             raise ReflowError(f"{where}: [eval] needs reference = SOURCE (the real data to compare with)")
+        try:
+            EvalSettings(**ev).check()
+        except ReflowError as e:
+            raise ReflowError(f"{where}: [eval] {_names(str(e))}") from None
         return cls(
             rounds=rounds,
             teacher=teacher,
@@ -128,7 +236,7 @@ class Recipe:
             train=train_table,
             eval=ev,
             distill=distill,
-            seed=int(raw.get("seed", 0)),
+            seed=int(seed),
             name=str(raw.get("name", "run")),
             round_train=round_train,
         )
