@@ -41,7 +41,9 @@ def _quiet_libraries() -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -386,13 +388,16 @@ def generate_cmd(
 ) -> None:
     """Run a teacher on seeded noise and store the coupled pairs (sharded; rerun the same command to resume)."""
     from reflow.models import is_flow_pipeline
-    from reflow.pairs import generate_pairs
+    from reflow.pairs import check_generate_args, generate_pairs
     from reflow.prompts import read_prompts
     from reflow.teachers import load_teacher
 
+    check_generate_args(num_pairs=num_pairs, batch_size=batch_size, shard_size=shard_size, dtype=dtype, seed=seed)
+    if nfe is not None and nfe < 1:
+        raise ReflowError(f"--nfe must be at least 1, got {nfe}")
     is_diffusers = (teacher / "model_index.json").is_file() and not is_flow_pipeline(teacher)
     solver = solver or ("ddim" if is_diffusers else "euler")
-    nfe = nfe or (50 if is_diffusers else 100)
+    nfe = nfe if nfe is not None else (50 if is_diffusers else 100)
     settings = (
         ("timestep_spacing", timestep_spacing),
         ("clip_sample", clip_sample),
@@ -446,6 +451,8 @@ def verify_pairs_cmd(
     from reflow.pairs import verify_pairs
 
     report = verify_pairs(pairs, rows, seed=seed, device=_device(), allow_pickle=allow_pickle)
+    if report["files_checked"]:
+        console.print(f"files: {report['files_checked']} match their recorded sha256")
     tol = atol if atol is not None else (1e-4 if report["dtype"] == "float32" else 2e-3)
     table = Table(title=f"{pairs}: {report['rows']} rows re-run ({report['solver']}, nfe {report['nfe']})")
     table.add_column("column")
@@ -575,7 +582,7 @@ def sample_cmd(
         z1 = decode_latents(model, z1, allow_pickle=allow_pickle)
     bad = int((~torch.isfinite(z1)).flatten(1).any(1).sum())
     if bad:
-        raise ReflowError(f"{model} produced NaN or inf in {bad} of {len(z1)} samples; nothing written (check the model)")
+        raise ReflowError(f"{model} produced NaN or inf in {bad} of {len(z1)} samples; nothing written (check it)")
     buf = io.BytesIO()
     np.save(buf, z1.numpy().astype(np.float32))
     if extra is not None:

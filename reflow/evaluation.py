@@ -393,12 +393,16 @@ def _per_class(
 
 
 def _is_pairs(path: str) -> bool:
+    """A folder written by `reflow generate` (its reflow_pairs.json); a damaged one is opened later and
+    refused with its own line rather than taken for a data source."""
     p = Path(path)
     if not p.is_dir():
         return False
+    if (p / "reflow_pairs.json").is_file():
+        return True
     from .pairs import _open_pairs_dataset
 
-    try:
+    try:  # a folder with z0 and z1 columns made elsewhere
         _open_pairs_dataset(p)
     except ReflowError:
         return False

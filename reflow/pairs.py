@@ -9,7 +9,11 @@ Generation is sharded. Work goes to ``PAIRS.partial/``: ``run.json`` (the settin
 finished shard, each written to a temporary name and renamed. A killed run rerun with the same settings
 keeps its finished shards and makes the rest; when all exist, they are joined into ``PAIRS`` (again
 through a temporary name) and ``PAIRS.partial`` is removed. Processes (Accelerate) split the shards
-round-robin, so one process or many write the same rows.
+round-robin, so one process or many write the same rows. One run at a time: the main process holds the
+lock ``.PAIRS.lock`` beside ``PAIRS`` (see ``reflow.locks``) from the start to the end.
+
+``reflow_pairs.json`` records the provenance, the row count and each file's size and sha256: opening
+the pairs checks the sizes and the rows, ``verify_pairs`` the hashes too.
 """
 
 from __future__ import annotations
@@ -29,13 +33,18 @@ import torch
 
 from . import __version__
 from .errors import ReflowError
-from .io import atomic_dir, atomic_write_json, atomic_write_text
+from .io import atomic_dir, atomic_write_json, atomic_write_text, claim_output, clean_debris
+from .locks import Lock, acquire
 from .noise import check_seed, row_labels, row_noise
 from .runtime import partial_state, quiet_datasets
 from .teachers import Teacher
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SHARD_BYTES = 64 * 2**20
+RECORD = "reflow_pairs.json"
+WORK_KEYS = ("batch_size", "shard_size", "device", "software")
+"""Settings that choose how the rows are computed (the teacher's outputs differ with them at ~1e-6): a
+partial run resumes only with the values it started with; a complete folder is returned whatever they are."""
 
 
 def _array_feature(shape: tuple[int, ...], dtype: str):
@@ -111,6 +120,137 @@ def dataset_card(provenance: dict[str, Any], num_rows: int) -> str:
     )
 
 
+def check_generate_args(
+    *, num_pairs: int, batch_size: int, shard_size: int | None = None, dtype: str = "float32", seed: int = 0
+) -> None:
+    """Refuse impossible ``generate`` settings with one line each, before any file is made."""
+    for flag, value in (("--num-pairs", num_pairs), ("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if value is None and flag == "--shard-size":
+            continue  # the default, from the sample size
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ReflowError(f"{flag} must be at least 1, got {value}")
+    if dtype not in DTYPES:
+        raise ReflowError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        check_seed(seed)
+    except ValueError as e:
+        raise ReflowError(str(e)) from None
+
+
+def _software() -> dict[str, str]:
+    import diffusers
+
+    return {"reflow": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _differences(recorded: dict[str, Any], settings: dict[str, Any], keys) -> list[str]:
+    """What differs between recorded and current settings, as 'key: recorded A, now B' (one level into dicts)."""
+    diff = []
+    for k in keys:
+        was, now = recorded.get(k), settings[k]
+        if was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            sub = sorted(s for s in set(was) | set(now) if was.get(s) != now.get(s))
+            shown = ", ".join(f"{s}: recorded {_short(was.get(s))}, now {_short(now.get(s))}" for s in sub[:3])
+            diff.append(f"{k} ({shown}{', ...' if len(sub) > 3 else ''})")
+        else:
+            diff.append(f"{k}: recorded {_short(was)}, now {_short(now)}")
+    return diff
+
+
+def _same_settings(recorded: dict[str, Any], settings: dict[str, Any], where: Path, resume: bool) -> None:
+    """Refuse to resume (``resume``) or to return as complete a folder made with other settings. A complete
+    folder is returned whatever the ``WORK_KEYS`` are now: rerunning does no work."""
+    keys = [k for k in settings if resume or k not in WORK_KEYS]
+    diff = _differences(recorded, settings, keys)
+    if diff:
+        fix = f"delete {where} to start over" if resume else "pick a new --out"
+        raise ReflowError(
+            f"{where} was made with other settings ({'; '.join(diff)}); rerun with the recorded ones, or {fix}"
+        )
+
+
+def _clean_work(work: Path) -> None:
+    """Remove the temporaries that killed runs left in ``work`` (half-written shards, run.json)."""
+    names = {p.name[1:].split(".", 1)[0] for p in work.glob(".shard-*")} | {"run.json"}
+    for name in names:
+        clean_debris(work / name)
+
+
+def _start_run(out: Path, work: Path, settings: dict[str, Any]) -> tuple[Lock, bool]:
+    """On the main process: claim ``out``, take its lock and decide. Returns (lock, complete): complete when
+    ``out`` holds valid pairs of these settings (a stale ``.partial`` beside it is removed); otherwise
+    ``work`` holds this run's ``run.json``, with the debris of killed runs removed."""
+    teacher_path = settings["teacher"].get("teacher")
+    inputs = [teacher_path] if teacher_path and Path(teacher_path).exists() else []
+    claim_output(out, "generate", inputs=inputs, legacy=(RECORD,))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = acquire(_lock_path(out), str(out), "generate")
+    try:
+        if (out / RECORD).is_file():
+            _same_settings(read_provenance(out), settings, out, resume=False)
+            ds, _ = _open_pairs_dataset(out)
+            if len(ds) != settings["num_pairs"]:
+                raise _damaged(out, f"it holds {len(ds)} rows, expected {settings['num_pairs']}")
+            if work.exists():  # a run killed after its final rename
+                shutil.rmtree(work)
+            return lock, True
+        run_file = work / "run.json"
+        if work.exists() and not work.is_dir():
+            raise ReflowError(f"{work} is a file; reflow keeps an unfinished run there: move it away and rerun")
+        if run_file.is_file():
+            try:
+                recorded = json.loads(run_file.read_text())
+            except (OSError, ValueError):
+                recorded = None
+            if not isinstance(recorded, dict):
+                raise ReflowError(f"{run_file} is damaged; delete {work} to start over")
+            _same_settings(recorded, settings, work, resume=True)
+        elif work.is_dir() and any(work.glob("shard-*")):
+            raise ReflowError(f"{work} holds shards but no run.json (settings unknown); delete it to start over")
+        else:
+            work.mkdir(exist_ok=True)
+            atomic_write_json(run_file, settings)
+        _clean_work(work)
+        return lock, False
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _on_main(state, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the main process only and give its result to every process; an error there is raised on
+    every process (a ReflowError as itself), so none is left waiting for the others."""
+    result, caught = None, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except BaseException as e:
+            caught = e
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = None if caught is None else (isinstance(caught, ReflowError), str(caught) or type(caught).__name__)
+        box = broadcast_object_list([result, error])
+        result, error = box
+        if caught is None and error is not None:
+            user, message = error
+            raise ReflowError(message) if user else RuntimeError(f"the main process failed: {message}")
+    if caught is not None:
+        raise caught
+    return result
+
+
 def generate_pairs(
     teacher: Teacher,
     out: str | Path,
@@ -136,21 +276,15 @@ def generate_pairs(
     ``store_embeddings`` is False (then training recomputes them with the teacher's text encoder).
     ``push_to_hub`` names a Hub dataset repo to upload the finished pairs to.
 
+    One run at a time writes ``out`` (the lock ``.NAME.lock`` beside it, taken by the main process); a
+    killed run resumes only with the settings it started with, batch size, device and software included
+    (the teacher's outputs depend on them at ~1e-6). A complete ``out`` is checked (files, rows) and
+    returned as it is.
+
     ``progress(done_rows, total_rows)`` is called on this process as rows finish. Returns ``out``.
     Under Accelerate (torchrun / accelerate launch) every process must call this with the same arguments.
     """
-    import datasets
-
-    if num_pairs < 1:
-        raise ReflowError(f"--num-pairs must be at least 1, got {num_pairs}")
-    if batch_size < 1:
-        raise ReflowError(f"--batch-size must be at least 1, got {batch_size}")
-    if dtype not in DTYPES:
-        raise ReflowError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    try:
-        check_seed(seed)
-    except ValueError as e:
-        raise ReflowError(str(e)) from None
+    check_generate_args(num_pairs=num_pairs, batch_size=batch_size, shard_size=shard_size, dtype=dtype, seed=seed)
     out = Path(out)
     shape = tuple(teacher.sample_shape)
     num_classes = getattr(teacher, "num_classes", None)
@@ -174,7 +308,9 @@ def generate_pairs(
     elif prompts:
         raise ReflowError("--prompts needs a text-to-image teacher (a Stable Diffusion folder); this one takes none")
     embed_shape = tuple(teacher.embed_shape) if text and store_embeddings else None
-    shard_size = shard_size or default_shard_size(shape, dtype, batch_size)
+    if shard_size is None:
+        shard_size = default_shard_size(shape, dtype, batch_size)
+    device = torch.device(getattr(teacher, "device", None) or "cpu")
     settings = {
         "teacher": teacher.describe(),
         "num_pairs": num_pairs,
@@ -184,6 +320,9 @@ def generate_pairs(
         "sample_shape": list(shape),
         "round": round_,
         "labels": labels if num_classes is not None else None,
+        "batch_size": batch_size,
+        "device": device.type,
+        "software": _software(),
     }
     if text:  # only for text teachers, so unconditional runs keep their recorded settings
         settings["prompts"] = {
@@ -195,149 +334,175 @@ def generate_pairs(
         settings["store_embeddings"] = bool(store_embeddings)
     provenance = {**settings, "reflow_version": __version__}
     state = partial_state()
-
-    def same_settings(recorded: dict[str, Any], where: Path) -> None:
-        diff = sorted(k for k in settings if recorded.get(k) != settings[k])
-        if diff:
-            raise ReflowError(
-                f"{where} was made with other settings ({', '.join(diff)} differ); "
-                "rerun with the same settings to resume, or pick a new --out"
-            )
-
-    if out.exists():
-        info_file = out / "reflow_pairs.json"
-        if not info_file.is_file():
-            raise ReflowError(f"{out} exists and is not a reflow pairs folder; pick a new --out")
-        same_settings(json.loads(info_file.read_text()), out)
-        if push_to_hub and state.is_main_process:  # e.g. a rerun after a failed upload
-            push_pairs(out, push_to_hub)
-        return out  # already complete
-
     work = out.parent / f"{out.name}.partial"
-    run_file = work / "run.json"
-    if state.is_main_process:
-        if run_file.is_file():
-            same_settings(json.loads(run_file.read_text()), work)
-        else:
-            work.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_file, settings)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        same_settings(json.loads(run_file.read_text()), work)
+    lock: Lock | None = None
 
-    features = pair_features(shape, dtype, labels=num_classes is not None, prompts=text, embed_shape=embed_shape)
-    num_shards = math.ceil(num_pairs / shard_size)
-    mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not _shard_dir(work, k).is_dir()]
-    done_rows = sum(min(shard_size, num_pairs - k * shard_size) for k in mine if k not in todo)
-    total_rows = sum(min(shard_size, num_pairs - k * shard_size) for k in mine)
-    if progress:
-        progress(done_rows, total_rows)
+    def start() -> bool:
+        nonlocal lock
+        lock, complete = _start_run(out, work, settings)
+        return complete
 
-    # The host never makes the teacher wait:
-    # - the next batch's noise (and labels) is drawn on a background thread while the teacher runs
-    #   (pinned, on CUDA, so the teacher's upload can be asynchronous);
-    # - on CUDA a batch's output is copied back asynchronously and only waited for after the next batch
-    #   has been queued, so the GPU has work while the host checks and stores the previous batch;
-    # - Arrow writes run on another background thread.
-    # Rows, their order and the values stored are the same as one batch at a time.
-    device = torch.device(getattr(teacher, "device", None) or "cpu")
-    on_cuda = device.type == "cuda"
-    store_dtype = DTYPES[dtype]
+    try:
+        if _on_main(state, start):  # already complete
+            if push_to_hub and state.is_main_process:  # e.g. a rerun after a failed upload
+                push_pairs(out, push_to_hub)
+            return out
+        features = pair_features(shape, dtype, labels=num_classes is not None, prompts=text, embed_shape=embed_shape)
+        num_shards = math.ceil(num_pairs / shard_size)
+        mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
+        todo = [k for k in mine if not _shard_dir(work, k).is_dir()]
+        done_rows = sum(min(shard_size, num_pairs - k * shard_size) for k in mine if k not in todo)
+        total_rows = sum(min(shard_size, num_pairs - k * shard_size) for k in mine)
+        if progress:
+            progress(done_rows, total_rows)
 
-    def shard_rows(k: int) -> tuple[int, int]:
-        return k * shard_size, min((k + 1) * shard_size, num_pairs)
+        # The host never makes the teacher wait:
+        # - the next batch's noise (and labels) is drawn on a background thread while the teacher runs
+        #   (pinned, on CUDA, so the teacher's upload can be asynchronous);
+        # - on CUDA a batch's output is copied back asynchronously and only waited for after the next batch
+        #   has been queued, so the GPU has work while the host checks and stores the previous batch;
+        # - Arrow writes run on another background thread (each shard to a temporary name, renamed when
+        #   complete, so a failed write such as a full disk leaves no half shard).
+        # Rows, their order and the values stored are the same as one batch at a time.
+        on_cuda = device.type == "cuda"
+        store_dtype = DTYPES[dtype]
 
-    batches = [
-        (k, range(b, min(b + batch_size, shard_rows(k)[1]))) for k in todo for b in range(*shard_rows(k), batch_size)
-    ]
+        def shard_rows(k: int) -> tuple[int, int]:
+            return k * shard_size, min((k + 1) * shard_size, num_pairs)
 
-    def draw(idx: range):
-        """(z0, y) for the rows, and the copies handed to the teacher (pinned on CUDA); y is the rows'
-        labels (class teachers) or prompt embeddings (text teachers, encoded here, off the teacher's path)."""
-        z0 = row_noise(seed, idx, shape)
-        if num_classes is not None:
-            y = row_labels(seed, idx, labels)
-        elif text:
-            y = teacher.encode_prompts([prompts[i % len(prompts)] for i in idx])
-        else:
-            y = None
-        if not on_cuda:
-            return z0, y, z0, y
-        return z0, y, z0.pin_memory(), (y.pin_memory() if y is not None else None)
+        batches = [
+            (k, range(b, min(b + batch_size, shard_rows(k)[1])))
+            for k in todo
+            for b in range(*shard_rows(k), batch_size)
+        ]
 
-    with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as drawer:
-        pending: Future | None = None
-        z0_parts: list[np.ndarray] = []
-        z1_parts: list[np.ndarray] = []
-        label_parts: list[np.ndarray] = []
-
-        def finish(k: int, idx: range, z0: torch.Tensor, y: torch.Tensor | None, z1: torch.Tensor, ready) -> None:
-            nonlocal pending, done_rows, z0_parts, z1_parts, label_parts
-            if ready is not None:
-                ready.synchronize()
-            if not torch.isfinite(z1).all():
-                raise ReflowError(f"the teacher produced NaN/inf on rows {idx.start}-{idx.stop - 1}; check it")
-            z0_parts.append(z0.to(store_dtype).numpy())
-            z1_parts.append(z1.to(store_dtype).numpy())
-            if y is not None:
-                label_parts.append(y.to(store_dtype).numpy() if text else y.numpy())
-            done_rows += len(idx)
-            if progress:
-                progress(done_rows, total_rows)
-            start, stop = shard_rows(k)
-            if idx.stop == stop:  # the shard's last batch: hand the shard to the writer
-                if pending is not None:
-                    pending.result()
-                columns = {
-                    "z0": np.concatenate(z0_parts),
-                    "z1": np.concatenate(z1_parts),
-                    "index": np.arange(start, stop, dtype=np.int64),
-                }
-                if text:
-                    columns["prompt"] = [prompts[i % len(prompts)] for i in range(start, stop)]
-                    if store_embeddings:
-                        columns["prompt_embeds"] = np.concatenate(label_parts)
-                elif label_parts:
-                    columns["label"] = np.concatenate(label_parts)
-                pending = writer.submit(_write_shard, _shard_dir(work, k), columns, features)
-                z0_parts, z1_parts, label_parts = [], [], []
-
-        queued = None  # a CUDA batch whose output is still on its way to the host
-        upcoming = drawer.submit(draw, batches[0][1]) if batches else None
-        for j, (k, idx) in enumerate(batches):
-            z0, y, z0_feed, y_feed = upcoming.result()
-            if j + 1 < len(batches):
-                upcoming = drawer.submit(draw, batches[j + 1][1])
-            z1 = (teacher(z0_feed, y_feed) if y is not None else teacher(z0_feed)).detach()
-            if on_cuda and z1.device.type == "cuda":
-                z1 = z1.to("cpu", non_blocking=True)  # into pinned memory, in stream order
-                ready = torch.cuda.Event()
-                ready.record()
-                if queued is not None:
-                    finish(*queued)
-                queued = (k, idx, z0, y, z1, ready)
+        def draw(idx: range):
+            """(z0, y) for the rows, and the copies handed to the teacher (pinned on CUDA); y is the rows'
+            labels (class teachers) or prompt embeddings (text teachers, encoded here, off the teacher's path)."""
+            z0 = row_noise(seed, idx, shape)
+            if num_classes is not None:
+                y = row_labels(seed, idx, labels)
+            elif text:
+                y = teacher.encode_prompts([prompts[i % len(prompts)] for i in idx])
             else:
-                finish(k, idx, z0, y, z1.to("cpu"), None)
-        if queued is not None:
-            finish(*queued)
-        if pending is not None:
-            pending.result()
+                y = None
+            if not on_cuda:
+                return z0, y, z0, y
+            return z0, y, z0.pin_memory(), (y.pin_memory() if y is not None else None)
 
-    state.wait_for_everyone()
-    if state.is_main_process:
-        parts = [datasets.load_from_disk(str(_shard_dir(work, k))) for k in range(num_shards)]
-        ds = datasets.concatenate_datasets(parts)
-        ds.info.description = json.dumps(provenance, sort_keys=True)
-        with atomic_dir(out) as tmp, quiet_datasets():
-            ds.save_to_disk(str(tmp), num_shards=num_shards)
-            atomic_write_json(tmp / "reflow_pairs.json", provenance)
-            atomic_write_text(tmp / "README.md", dataset_card(provenance, len(ds)))
-        shutil.rmtree(work, ignore_errors=True)
-    state.wait_for_everyone()
-    if push_to_hub and state.is_main_process:
-        push_pairs(out, push_to_hub)
-    return out
+        with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as drawer:
+            pending: Future | None = None
+            z0_parts: list[np.ndarray] = []
+            z1_parts: list[np.ndarray] = []
+            label_parts: list[np.ndarray] = []
+
+            def finish(k: int, idx: range, z0: torch.Tensor, y: torch.Tensor | None, z1: torch.Tensor, ready) -> None:
+                nonlocal pending, done_rows, z0_parts, z1_parts, label_parts
+                if ready is not None:
+                    ready.synchronize()
+                if not torch.isfinite(z1).all():
+                    raise ReflowError(f"the teacher produced NaN/inf on rows {idx.start}-{idx.stop - 1}; check it")
+                z0_parts.append(z0.to(store_dtype).numpy())
+                z1_parts.append(z1.to(store_dtype).numpy())
+                if y is not None:
+                    label_parts.append(y.to(store_dtype).numpy() if text else y.numpy())
+                done_rows += len(idx)
+                if progress:
+                    progress(done_rows, total_rows)
+                start, stop = shard_rows(k)
+                if idx.stop == stop:  # the shard's last batch: hand the shard to the writer
+                    if pending is not None:
+                        pending.result()
+                    columns = {
+                        "z0": np.concatenate(z0_parts),
+                        "z1": np.concatenate(z1_parts),
+                        "index": np.arange(start, stop, dtype=np.int64),
+                    }
+                    if text:
+                        columns["prompt"] = [prompts[i % len(prompts)] for i in range(start, stop)]
+                        if store_embeddings:
+                            columns["prompt_embeds"] = np.concatenate(label_parts)
+                    elif label_parts:
+                        columns["label"] = np.concatenate(label_parts)
+                    pending = writer.submit(_write_shard, _shard_dir(work, k), columns, features)
+                    z0_parts, z1_parts, label_parts = [], [], []
+
+            queued = None  # a CUDA batch whose output is still on its way to the host
+            upcoming = drawer.submit(draw, batches[0][1]) if batches else None
+            for j, (k, idx) in enumerate(batches):
+                if pending is not None and pending.done():
+                    pending.result()  # a failed shard write (a full disk) stops the run now
+                z0, y, z0_feed, y_feed = upcoming.result()
+                if j + 1 < len(batches):
+                    upcoming = drawer.submit(draw, batches[j + 1][1])
+                z1 = (teacher(z0_feed, y_feed) if y is not None else teacher(z0_feed)).detach()
+                if on_cuda and z1.device.type == "cuda":
+                    z1 = z1.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+                    ready = torch.cuda.Event()
+                    ready.record()
+                    if queued is not None:
+                        finish(*queued)
+                    queued = (k, idx, z0, y, z1, ready)
+                else:
+                    finish(k, idx, z0, y, z1.to("cpu"), None)
+            if queued is not None:
+                finish(*queued)
+            if pending is not None:
+                pending.result()
+
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _join_shards(work, out, num_pairs, shard_size, provenance)
+        state.wait_for_everyone()
+        if push_to_hub and state.is_main_process:
+            push_pairs(out, push_to_hub)
+        return out
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each file of a saved dataset, for the integrity checks of ``_check_files``."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name not in (RECORD, "README.md"))
+    return {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+
+
+def _join_shards(work: Path, out: Path, num_pairs: int, shard_size: int, provenance: dict[str, Any]) -> None:
+    """Join the finished shards of ``work`` into ``out`` (through a temporary name), recording the row count
+    and each file's size and sha256 in ``reflow_pairs.json``; then remove ``work``."""
+    import datasets
+
+    num_shards = math.ceil(num_pairs / shard_size)
+    parts = []
+    for k in range(num_shards):
+        shard, want = _shard_dir(work, k), min(shard_size, num_pairs - k * shard_size)
+        try:
+            part = datasets.load_from_disk(str(shard))
+            why = None if len(part) == want else f"{len(part)} rows, expected {want}"
+        except Exception as e:  # a shard we wrote that no longer opens
+            why = type(e).__name__
+        if why:
+            raise ReflowError(f"{shard} is damaged ({why}); delete that folder and rerun to remake it")
+        parts.append(part)
+    ds = datasets.concatenate_datasets(parts)
+    ds.info.description = json.dumps(provenance, sort_keys=True)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder the user made for the output
+    with atomic_dir(out) as tmp, quiet_datasets():
+        ds.save_to_disk(str(tmp), num_shards=num_shards)
+        record = {**provenance, "num_rows": len(ds), "files": _file_records(tmp)}
+        atomic_write_json(tmp / RECORD, record)
+        atomic_write_text(tmp / "README.md", dataset_card(provenance, len(ds)))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def push_pairs(path: str | Path, repo_id: str) -> None:
@@ -385,8 +550,36 @@ class Pairs:
         return len(self.z0)
 
 
-def _open_pairs_dataset(path: str | Path):
-    """Open a pairs dataset (memory-mapped Arrow) and check its columns; returns (dataset, provenance)."""
+def _damaged(path: Path, what: str) -> ReflowError:
+    return ReflowError(f"{path} is damaged: {what}; delete it and rerun `reflow generate` to regenerate it")
+
+
+def _check_files(path: Path, record: dict[str, Any], full: bool) -> None:
+    """Check the files recorded in ``reflow_pairs.json`` are there with their sizes (and, with ``full``,
+    their sha256). Folders written before these records existed are not checked."""
+    files = record.get("files")
+    if files is None:
+        return
+    if not isinstance(files, dict):
+        raise _damaged(path, f"{RECORD} has no valid file list")
+    for name, want in sorted(files.items()):
+        try:
+            size, digest = int(want["bytes"]), str(want["sha256"])
+        except (TypeError, KeyError, ValueError):
+            raise _damaged(path, f"{RECORD} has no valid record of {name}") from None
+        f = path / name
+        if Path(name).name != name or not f.is_file():
+            raise _damaged(path, f"file {name} is missing")
+        got = f.stat().st_size
+        if got != size:
+            raise _damaged(path, f"file {name} has {got} bytes, expected {size}")
+        if full and _sha256(f) != digest:
+            raise _damaged(path, f"file {name} does not match its recorded sha256")
+
+
+def _open_pairs_dataset(path: str | Path, full: bool = False):
+    """Open a pairs dataset (memory-mapped Arrow) and check its columns, and the files and rows recorded
+    in its ``reflow_pairs.json`` (sizes; with ``full`` also the sha256); returns (dataset, provenance)."""
     import datasets
 
     path = Path(path)
@@ -397,9 +590,14 @@ def _open_pairs_dataset(path: str | Path):
             else ""
         )
         raise ReflowError(f"no such pairs folder: {path}{hint}")
+    record = read_provenance(path) if (path / RECORD).is_file() else None
+    if record is not None:
+        _check_files(path, record, full)
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
+        if record is not None:
+            raise _damaged(path, f"it does not open ({type(e).__name__})") from None
         raise ReflowError(f"{path} is not a pairs dataset written by `reflow generate` ({type(e).__name__})") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
@@ -408,6 +606,9 @@ def _open_pairs_dataset(path: str | Path):
         raise ReflowError(f"{path} lacks column(s) {', '.join(missing)}; pairs need z0 and z1")
     if len(ds) == 0:
         raise ReflowError(f"{path} holds no rows; regenerate it")
+    expected = (record or {}).get("num_rows")
+    if isinstance(expected, int) and len(ds) != expected:
+        raise _damaged(path, f"it holds {len(ds)} rows, expected {expected}")
     try:
         provenance = json.loads(ds.info.description or "{}")
     except json.JSONDecodeError:
@@ -587,12 +788,20 @@ def _chunk_views(column, shape: tuple[int, ...]) -> list[np.ndarray]:
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:
-    """The provenance recorded with a pairs folder by ``generate_pairs``."""
+    """The provenance recorded with a pairs folder by ``generate_pairs`` (its ``reflow_pairs.json``)."""
     path = Path(path)
-    f = path / "reflow_pairs.json"
+    if not path.is_dir():
+        raise ReflowError(f"no such pairs folder: {path}")
+    f = path / RECORD
     if not f.is_file():
-        raise ReflowError(f"{path} has no reflow_pairs.json: not written by `reflow generate`")
-    return json.loads(f.read_text())
+        raise ReflowError(f"{path} has no {RECORD}: not written by `reflow generate`")
+    try:
+        record = json.loads(f.read_text())
+    except (OSError, ValueError):  # empty, cut short, not UTF-8
+        record = None
+    if not isinstance(record, dict):
+        raise _damaged(path, f"{RECORD} is not valid JSON")
+    return record
 
 
 def verify_pairs(
@@ -604,17 +813,33 @@ def verify_pairs(
     allow_pickle: bool = False,
     batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Re-run the recorded teacher on ``rows`` random rows and report the largest differences.
+    """Check the folder's files against their recorded sizes and sha256, then re-run the recorded teacher
+    on ``rows`` random rows and report the largest differences.
 
     z0 is rebuilt from (seed, index) and compared with the stored z0; the teacher's output from it is
     compared with the stored z1. A teacher whose weights or configs changed since is refused.
+    ``files_checked`` in the report counts the files whose hashes matched (0 for older folders that
+    recorded none).
     """
-    import datasets
-
     from .teachers import load_teacher
 
+    if rows < 1:
+        raise ReflowError(f"--rows must be at least 1, got {rows}")
+    path = Path(path)
     prov = read_provenance(path)
-    rec = prov["teacher"]
+    rec = prov.get("teacher")
+    missing = [k for k in ("teacher", "seed", "sample_shape", "dtype") if k not in prov]
+    if isinstance(rec, dict):
+        missing += [f"teacher.{k}" for k in ("teacher", "solver", "nfe") if k not in rec]
+    elif "teacher" not in missing:
+        missing.append("teacher")
+    if missing:
+        raise _damaged(path, f"{RECORD} lacks {', '.join(missing)}")
+    if prov["dtype"] not in DTYPES:
+        raise _damaged(path, f"{RECORD} records an unknown dtype {prov['dtype']!r}")
+    ds, _ = _open_pairs_dataset(path, full=True)  # before the teacher: a damaged folder fails fast
+    if "index" not in ds.column_names:
+        raise ReflowError(f"{path} has no index column, so its noise cannot be rebuilt; regenerate it")
     nfe = rec["nfe"] if isinstance(rec["nfe"], int) else 1
     teacher = load_teacher(
         rec["teacher"],
@@ -630,11 +855,11 @@ def verify_pairs(
         raise ReflowError(
             f"the teacher at {rec['teacher']} changed since the pairs were made ({', '.join(changed)} differ)"
         )
-    ds = datasets.load_from_disk(str(path))
-    if rows < 1:
-        raise ReflowError(f"--rows must be at least 1, got {rows}")
     pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[: min(rows, len(ds))]
-    sub = ds.select(sorted(pick.tolist())).with_format("torch")[:]
+    try:
+        sub = ds.select(sorted(pick.tolist())).with_format("torch")[:]
+    except (OSError, ValueError, TypeError) as e:  # pyarrow's errors derive from these
+        raise _damaged(path, f"its rows do not read ({type(e).__name__})") from None
     z0 = row_noise(prov["seed"], sub["index"], tuple(prov["sample_shape"]))
     outs = []
     for b in range(0, len(z0), batch_size):
@@ -655,4 +880,5 @@ def verify_pairs(
         "teacher": rec["teacher"],
         "solver": rec["solver"],
         "nfe": rec["nfe"],
+        "files_checked": len(prov.get("files") or {}),
     }

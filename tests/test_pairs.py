@@ -193,6 +193,12 @@ def test_verify_detects_tampering_and_changed_teacher(tiny_flow, tmp_path):
     tampered.info.description = ds.info.description
     tampered.save_to_disk(str(tmp_path / "t"))
     shutil.copy(out / "reflow_pairs.json", tmp_path / "t" / "reflow_pairs.json")
+    # The recorded hashes catch it first; a folder without them (an older one) by the numbers.
+    with pytest.raises(ReflowError, match="does not match its recorded sha256"):
+        verify_pairs(tmp_path / "t", rows=30)
+    record = json.loads((out / "reflow_pairs.json").read_text())
+    old = {k: v for k, v in record.items() if k not in ("files", "num_rows")}
+    (tmp_path / "t" / "reflow_pairs.json").write_text(json.dumps(old))
     assert verify_pairs(tmp_path / "t", rows=30)["max_abs_diff_z1"] == pytest.approx(0.5, abs=1e-5)
     copy = tmp_path / "teacher-copy"
     shutil.copytree(tiny_flow, copy)
