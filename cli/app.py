@@ -200,6 +200,12 @@ def _run_training(config) -> None:
             bar.update(step, total, f"loss {loss:.4g}  {sps:,.0f} samples/s")
 
         result = train(config, progress=on_step)
+    if result.already_complete:
+        console.print(
+            f"[bold]{result.out}[/bold] already complete: {result.steps} steps, final loss {result.loss:.4g}; "
+            "nothing to do"
+        )
+        return
     console.print(
         f"wrote [bold]{result.out}[/bold]: {result.steps} steps, final loss {result.loss:.4g}, "
         f"{result.samples_per_second:,.0f} samples/s"
@@ -588,8 +594,17 @@ def sample_cmd(
     if extra is not None:
         atomic_write_bytes(*extra)
     atomic_write_bytes(out, buf.getvalue())
-    mark_output(out, "sample", kind="file", model=str(model), nfe=nfe, solver=solver, count=len(z0),
-                seed=None if noise is not None else seed, noise=None if noise is None else str(noise))
+    mark_output(
+        out,
+        "sample",
+        kind="file",
+        model=str(model),
+        nfe=nfe,
+        solver=solver,
+        count=len(z0),
+        seed=None if noise is not None else seed,
+        noise=None if noise is None else str(noise),
+    )
     console.print(
         f"wrote [bold]{out}[/bold]: {len(z0)} samples of shape {tuple(z1.shape[1:])}, {sol.nfe} network calls"
     )

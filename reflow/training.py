@@ -2,7 +2,9 @@
 distillation.
 
 Plain torch on Accelerate (one CPU, many GPUs, many nodes): ``prepare`` once, ``accumulate``,
-``backward``, ``save_state``/``load_state``. The batch of step s is a function of (seed, s) alone: every
+``backward``. Checkpoints are safetensors + JSON (``reflow.checkpoint``): a resume never unpickles
+anything, and resumes only the run that wrote them (same data, model and result-determining settings,
+recorded in every checkpoint). The batch of step s is a function of (seed, s) alone: every
 process draws the same global batch and keeps its own slice, so a resumed run and an N-process run
 see exactly the rows an uninterrupted one-process run sees. The next batch is drawn on a background
 thread while the current step runs, and the loss stays on the device between log steps (no host sync
@@ -26,11 +28,20 @@ from typing import Any
 import torch
 
 from . import __version__
+from .checkpoint import (
+    checkpoint_kind,
+    load_rng_state,
+    load_training_state,
+    read_meta,
+    save_rng_state,
+    save_training_state,
+)
 from .data import load_source
 from .errors import ReflowError
 from .flow import LOSSES, distillation_loss, flow_matching_loss
-from .io import atomic_dir, atomic_write_json, atomic_write_text
+from .io import MARKER, atomic_dir, atomic_write_json, atomic_write_text, claim_output, mark_output, output_owner
 from .models import build_model, check_conditioning, init_model, model_card
+from .noise import MAX_SEED
 from .pairs import PairsReader
 from .runtime import use_cpu
 from .solvers import time_grid
@@ -85,11 +96,16 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ReflowError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        from .settings import check_values
+
+        values = check_values(cls, values, str(path))
+        given = {k: str(v) if hasattr(v, "__fspath__") else v for k, v in overrides.items() if v is not None}
+        values.update(check_values(cls, given, "command line"))
         return cls(**values)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; one ReflowError line for a missing, unreadable, non-UTF-8 or invalid file."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -98,7 +114,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ReflowError(f"no such config file: {path}")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ReflowError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    except UnicodeDecodeError:
+        raise ReflowError(f"{path} is not UTF-8 text; save the TOML file as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ReflowError(f"{path} is not valid TOML: {e}") from None
 
@@ -110,6 +130,7 @@ class TrainResult:
     loss: float
     seconds: float
     samples_per_second: float
+    already_complete: bool = False  # ``out`` held this very training, finished: nothing was trained
 
 
 ProgressFn = Callable[[int, int, float, float], None]
@@ -121,6 +142,8 @@ def _check(config: TrainConfig) -> None:
         raise ReflowError("--out is required: the model folder to write")
     if (config.data is None) == (config.pairs is None):
         raise ReflowError("give exactly one of --data (round 1 from data) or --pairs (reflow from pairs)")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ReflowError(f"--seed must be in [0, {MAX_SEED}], got {config.seed}")
     for name in ("max_steps", "batch_size", "checkpoint_every", "gradient_accumulation_steps", "log_every"):
         if getattr(config, name) < 1:
             raise ReflowError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
@@ -154,6 +177,177 @@ def latest_checkpoint(out: Path) -> Path | None:
         return None
     found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / "reflow_step.json").is_file()]
     return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+RESULT_SETTINGS = (
+    "seed",
+    "lr",
+    "batch_size",
+    "max_steps",  # the cosine schedule's length
+    "loss",
+    "huber_c",
+    "time_sampler",
+    "ema_decay",
+    "weight_decay",
+    "warmup_steps",
+    "grad_clip",
+    "gradient_accumulation_steps",
+    "distill_k",
+    "max_pairs",
+    "mixed_precision",
+)
+"""TrainConfig names that change the trained weights; a resume or a rerun must keep them. The rest
+(``checkpoint_every``, ``log_with``, ``log_every``, ...) may change."""
+
+
+def _local(path: str | None) -> str | None:
+    """An existing local path as an absolute one; anything else (a built-in name, a Hub id) as given."""
+    if path is None or not Path(path).exists():
+        return path
+    return str(Path(path).resolve())
+
+
+def _json_value(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """What determines the result of ``config`` (``loss`` already resolved from auto), JSON-able: the data
+    or pairs (paths resolved), the model asked for and :data:`RESULT_SETTINGS`. Recorded in every
+    checkpoint and in the finished output; a resume or rerun that changes any of them is refused."""
+    settings: dict[str, Any] = {"data": _local(config.data), "pairs": _local(config.pairs), "init": _local(config.init)}
+    if config.init is None and config.model_config is not None:
+        settings["model_config"] = _read_model_config(config.model_config)
+    elif config.init is None:
+        settings |= {k: getattr(config, k) for k in ("hidden_dim", "num_layers", "time_embed_dim")}
+    settings |= {k: getattr(config, k) for k in RESULT_SETTINGS}
+    return _json_value(settings)
+
+
+def _read_model_config(path: str) -> dict[str, Any]:
+    file = Path(path)
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReflowError(f"--model-config {file}: cannot read a JSON config ({type(e).__name__})") from None
+
+
+def architecture(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's class and config (its UNet's for a UNetFlow), JSON-able: what its weights' shapes follow."""
+    inner = getattr(model, "unet", model)
+    config = {k: v for k, v in dict(getattr(inner, "config", {})).items() if not k.startswith("_")}
+    arch = {"class": type(inner).__name__, **config}
+    if inner is not model:
+        arch["wrapper"] = type(model).__name__
+    return _json_value(arch)
+
+
+def _differences(recorded: dict[str, Any], now: dict[str, Any], prefix: str = "--") -> list[str]:
+    """``NAME RECORDED (now NOW)`` for every setting that differs; nested dicts (a model config) by key."""
+    found = []
+    for key in sorted(set(recorded) | set(now), key=str):
+        a, b = recorded.get(key), now.get(key)
+        if a == b:
+            continue
+        name = f"{prefix}{key}".replace("_", "-") if prefix == "--" else f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{name} ")
+        else:
+            found.append(f"{name} {'none' if a is None else a} (now {'none' if b is None else b})")
+    return found
+
+
+def _finished_run(out: Path) -> dict[str, Any] | None:
+    """What a finished training in ``out`` recorded (``settings``, ``steps``, ``loss``; ``settings`` None when
+    unknown), or None when ``out`` is not a finished reflow training (absent, someone else's, empty)."""
+    if not out.is_dir():
+        return None
+    if output_owner(out) == "train":
+        return json.loads((out / MARKER).read_text())
+    # written before outputs carried a marker: our model card over a model folder
+    try:
+        card = (out / "README.md").read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    has_model = (out / "config.json").is_file() or (out / "model_index.json").is_file()
+    if not has_model or "\n# reflow velocity model " not in card:
+        return None
+    try:
+        provenance = json.loads(card.split("```json\n", 1)[1].split("\n```", 1)[0])
+        recorded = provenance["train_config"]
+        known = {f.name for f in fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in recorded.items() if k in known})
+        return {"settings": run_settings(config), "steps": config.max_steps, "loss": float("nan")}
+    except (IndexError, KeyError, TypeError, ValueError, ReflowError):
+        return {"settings": None, "steps": 0, "loss": float("nan")}
+
+
+def _already_complete(out: Path, finished: dict[str, Any], settings: dict[str, Any]) -> TrainResult:
+    """The result of a rerun of the finished training in ``out``; its stale checkpoints are removed."""
+    from .runtime import partial_state
+
+    recorded = finished.get("settings")
+    diffs = _differences(recorded, settings) if recorded is not None else []
+    if diffs:
+        raise ReflowError(
+            f"{out} holds a finished training with other settings: {', '.join(diffs)}; pick a new --out "
+            f"(or delete {out} to train again)"
+        )
+    if partial_state().is_main_process:
+        shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+    loss = finished.get("loss")
+    return TrainResult(
+        out=out,
+        steps=int(finished.get("steps") or 0),
+        loss=float("nan") if loss is None else float(loss),
+        seconds=0.0,
+        samples_per_second=0.0,
+        already_complete=True,
+    )
+
+
+def _check_resumable(ckpt: Path, settings: dict[str, Any], allow_pickle: bool) -> None:
+    """Refuse, before any work, a checkpoint that is not ours to load or was made by other settings."""
+    root = ckpt.parent
+    kind = checkpoint_kind(ckpt)
+    if kind == "pickle" and not allow_pickle:
+        raise ReflowError(
+            f"{ckpt} was written by an older reflow with pickle state; pass --allow-pickle to load it if you "
+            f"trust it, or delete {root} and restart"
+        )
+    if kind == "none":
+        raise ReflowError(f"{ckpt} holds no reflow checkpoint state; delete {root} and restart")
+    if kind == "safe":
+        recorded = read_meta(ckpt).get("info", {}).get("settings")
+        diffs = _differences(recorded, settings) if recorded is not None else []
+        if diffs:
+            raise ReflowError(
+                f"{ckpt} was made with other settings: {', '.join(diffs)}; resume with the same settings, "
+                f"or delete {root} to start over"
+            )
+
+
+def _resume(ckpt: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, ema: Any) -> int:
+    """Load ``ckpt`` into the live objects (``model`` unwrapped); returns its step. A folder of an older
+    reflow (pickle state, allowed by ``--allow-pickle``) goes through Accelerate's ``load_state``."""
+    if checkpoint_kind(ckpt) == "pickle":
+        accelerator.register_for_checkpointing(scheduler)
+        accelerator.register_for_checkpointing(ema)
+        accelerator.load_state(str(ckpt))
+        return json.loads((ckpt / "reflow_step.json").read_text())["step"]
+    recorded = read_meta(ckpt).get("info", {}).get("architecture")
+    diffs = _differences(recorded, architecture(model), "") if recorded is not None else []
+    if diffs:
+        raise ReflowError(
+            f"{ckpt} holds another model architecture: {', '.join(diffs)}; resume with the same model, "
+            f"or delete {ckpt.parent} to start over"
+        )
+    meta = load_training_state(
+        ckpt, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=accelerator.scaler
+    )
+    load_rng_state(ckpt, accelerator.process_index)
+    accelerator.step = meta["accelerator_step"]
+    return meta["step"]
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -204,11 +398,17 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     if config.loss == "auto":
         config = replace(config, loss="l2" if config.data is not None else "pseudo_huber")
     out = Path(config.out)
-    if out.exists():
-        raise ReflowError(f"{out} already exists; pick a new --out")
+    settings = run_settings(config)
+    finished = _finished_run(out)
+    if finished is not None:
+        return _already_complete(out, finished, settings)
+    # before any work: not into an input, not over someone else's folder, writable; a killed save's debris goes
+    claim_output(out, "train", inputs=[_local(config.data), _local(config.pairs), _local(config.init)])
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not config.resume:
         raise ReflowError(f"{checkpoint_root(out)} holds checkpoints of an earlier run; pass --resume to continue it")
+    if ckpt is not None:
+        _check_resumable(ckpt, settings, config.allow_pickle)
 
     # Data: a source to draw z1 from (independent coupling), or stored pairs streamed from Arrow.
     source = pairs = None
@@ -234,16 +434,9 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         elif getattr(model, "conditioning", None) is not None:
             raise ReflowError(f"--init {config.init} is conditional; training from --data is unconditional")
     else:
-        model_config = None
-        if config.model_config is not None:
-            file = Path(config.model_config)
-            try:
-                model_config = json.loads(file.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ReflowError(f"--model-config {file}: cannot read a JSON config ({type(e).__name__})") from None
         model = build_model(
             sample_shape,
-            model_config,
+            settings.get("model_config"),
             num_classes=pairs.num_classes if pairs is not None else None,
             embed_shape=pairs.embed_shape if pairs is not None else None,
             hidden_dim=config.hidden_dim,
@@ -278,19 +471,19 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     # The scheduler is not prepared: Accelerate would step it once per process per step (it assumes the
     # data is split by length); ours steps once per optimizer step, whatever the number of processes.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     raw = accelerator.unwrap_model(model)
     ema = EMAModel(raw.parameters(), decay=config.ema_decay, foreach=True)
-    accelerator.register_for_checkpointing(ema)
     if trackers:
         accelerator.init_trackers("reflow", config=_tracker_config(config))
+    info = {"settings": settings, "architecture": architecture(raw)}
 
     step = 0
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / "reflow_step.json").read_text())["step"]
+        step = _resume(ckpt, accelerator, raw, optimizer, scheduler, ema)
 
     def save_checkpoint(at: int) -> Path:
+        """Write the state after step ``at`` as ``OUT.checkpoints/step-N`` (safetensors + JSON, no pickle):
+        every process its random states, the main process the rest; the folder appears by rename."""
         root = checkpoint_root(out)
         final = root / f"step-{at:07d}"
         tmp = root / f".step-{at:07d}.tmp"
@@ -299,9 +492,26 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
             # made here, before the barrier: every process writes its own RNG state into it
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        try:
+            save_rng_state(tmp, rank)
+            if accelerator.is_main_process:
+                save_training_state(
+                    tmp,
+                    model=raw,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    ema=ema,
+                    scaler=accelerator.scaler,
+                    step=at,
+                    accelerator_step=accelerator.step,
+                    info=info,
+                )
+                atomic_write_json(tmp / "reflow_step.json", {"step": at})
+        except BaseException:  # a full disk, say: no half checkpoint stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        accelerator.wait_for_everyone()  # every process's random states are in
         if accelerator.is_main_process:
-            atomic_write_json(tmp / "reflow_step.json", {"step": at})
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -414,12 +624,15 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
             "train_config": {k: v for k, v in asdict(config).items() if k != "extra"} | config.extra,
             "weights": "EMA",
         }
-        with atomic_dir(out) as tmp:
+        empty = out.is_dir() and not any(out.iterdir())  # an empty folder given as --out counts as new
+        with atomic_dir(out, overwrite=empty) as tmp:
             teacher = (pairs.provenance.get("teacher") or {}) if pairs is not None else {}
             # the VAE / text encoder of the pairs' teacher; its unconditional class, if it had one
             components = teacher.get("teacher") if getattr(final, "conditioning", None) == "text" else None
             save_student(final, tmp, components=components, null_label=teacher.get("null_label"))
             atomic_write_text(tmp / "README.md", model_card(f"reflow velocity model {out.name}", provenance))
+            # a rerun of this very training finds it complete (and one with other settings is refused)
+            mark_output(tmp, "train", settings=settings, steps=step, loss=loss_value)
         shutil.rmtree(checkpoint_root(out), ignore_errors=True)
     accelerator.wait_for_everyone()
     # Not end_training(): it also destroys the process group, and a caller may go on under the same launch
