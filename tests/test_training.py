@@ -34,8 +34,16 @@ def test_round1_learns_and_writes_a_model_folder(tmp_path):
     assert "8gaussians" in card and "EMA" in card
     assert '"loss": "l2"' in card  # auto: from data, the mean velocity is the flow's, so L2
     assert not checkpoint_root(tmp_path / "m").exists()
-    with pytest.raises(ReflowError, match="already exists"):
+    with pytest.raises(ReflowError, match=r"other settings: --data 8gaussians \(now moons\)"):
         train(TrainConfig(out=str(tmp_path / "m"), data="moons", max_steps=1, **TINY))
+    # the same training again: already complete, nothing trained, the finished model untouched
+    before = weights(tmp_path / "m")
+    again = train(
+        TrainConfig(out=str(tmp_path / "m"), data="8gaussians", max_steps=200, lr=3e-3, log_with="none", **TINY)
+    )
+    assert again.already_complete and again.steps == 200 and again.loss == pytest.approx(losses[-1])
+    after = weights(tmp_path / "m")
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_reflow_round_from_pairs_with_init(tiny_flow, tmp_path):
