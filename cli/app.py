@@ -54,21 +54,20 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from reflow.io import is_disk_error
+        from reflow.io import disk_error_reason, is_disk_error
 
         try:
             _quiet_libraries()
             return fn(*args, **kwargs)
         except ReflowError as e:
             raise _fail(str(e)) from None
-        except (OSError, RuntimeError) as e:
+        except Exception as e:
             if not is_disk_error(e):
                 raise
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
-            reason = getattr(e, "strerror", None) or "no space left on device"
             raise _fail(
-                f"{reason}{where}; free disk space or pick a location you can write, then rerun the same "
-                "command (finished work is kept)"
+                f"{disk_error_reason(e)}{where}; free disk space or pick a location you can write, then rerun "
+                "the same command (finished work is kept)"
             ) from None
 
     return wrapper

@@ -159,13 +159,23 @@ def claim_output(
     return path
 
 
+_DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "file write failed")
+
+
 def is_disk_error(error: BaseException) -> bool:
-    """A full disk, a quota or a read-only file system, however the library that hit it reported it
-    (torch's zip writer raises RuntimeError "file write failed")."""
+    """A full disk, a quota or a read-only file system, however the library that hit it reported it:
+    OSError, torch's zip writer ("file write failed"), safetensors' SafetensorError ("I/O error: No space
+    left on device (os error 28)")."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("No space left" in text or "file write failed" in text)
+    return any(m in str(error) for m in _DISK_MESSAGES)
+
+
+def disk_error_reason(error: BaseException) -> str:
+    """The short reason of a disk error, e.g. "No space left on device"."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return next((m for m in _DISK_MESSAGES[:3] if m in str(error)), "No space left on device")
 
 
 @contextlib.contextmanager

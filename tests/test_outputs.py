@@ -252,3 +252,14 @@ def test_rounds_refuses_an_unrelated_folder(tmp_path):
     (unrelated / "holiday.jpg").write_text("x")
     one_line_error(run("rounds", "--config", recipe, "--out", unrelated), "not written by `reflow rounds`")
     assert [p.name for p in unrelated.iterdir()] == ["holiday.jpg"]
+
+
+def test_full_disk_during_training_is_one_line(small_fs):
+    (small_fs / "ballast").write_bytes(b"\0" * (256 * 1024 - 48 * 1024))
+    out = small_fs / "m"
+    args = ("--data", "moons", "--max-steps", 6, "--batch-size", 16, "--checkpoint-every", 3, "--log-with", "none")
+    r = run("train", *args, "--out", out)  # a 256-wide MLP checkpoint (~0.8 MB) does not fit
+    one_line_error(r, "No space left on device", "rerun")
+    leftovers = [p.name for p in small_fs.rglob("*") if p.name != "ballast"]
+    assert all(".tmp" not in name for name in leftovers), leftovers
+    assert not out.exists()
