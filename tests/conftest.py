@@ -1,13 +1,26 @@
+"""Shared test setup: thread counts, offline Hugging Face, the tiny 2-D flow fixture.
+
+How the numerical tolerances are chosen (float32: ``c * eps32 * max|values| * steps``; exact comparisons only for
+the same batch, kernels and thread count on both sides), how to run the fast and the slow suite, and the thread-count
+notes: tests/README.md. The tolerance helpers are in tests/helpers.py (f32_tol, f32_atol, assert_f32_close).
+
+Threads: torch runs ``REFLOW_TEST_THREADS`` threads (default 1), and subprocesses (torchrun, kill tests) get
+``OMP_NUM_THREADS`` from the environment, or the same count when it is unset. The suite passes at any count; one
+is fastest for these tiny models, as on a busy 2-core machine OpenMP barriers between two threads cost more than
+the arithmetic.
+"""
+
 import os
 
-# Tiny models: one thread is fastest, and on a busy 2-core machine OpenMP barriers between two
-# threads cost more than the arithmetic. Subprocesses (torchrun, kill tests) inherit this.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from helpers import threads_for_tests
+
+THREADS = threads_for_tests()
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline
+from helpers import assert_f32_close
 
 from reflow.diffusers_teacher import DiffusersTeacher
 from reflow.noise import row_noise
@@ -83,7 +84,8 @@ def test_guided_loop_matches_the_teacher_at_w1_and_the_null_label_at_w0(script, 
     teacher = DiffusersTeacher(trained, nfe=3, solver="ddim")
     for w, labels in ((1.0, y), (0.0, torch.full_like(y, 10))):
         got = script.guided_ddim(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), z0, y, w, 3)
-        torch.testing.assert_close(got, teacher(z0, labels=labels), atol=1e-5, rtol=0)
+        # the script's guided loop against our unguided teacher (other batches, other code): float32 noise
+        assert_f32_close(got, teacher(z0, labels=labels), steps=3)
 
 
 def test_bundled_cond_teacher_is_there():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import import_or_skip
+from helpers import assert_f32_close, import_or_skip
 
 from reflow.errors import ReflowError
 from reflow.metrics import images_to_uint8, inception_features
@@ -93,8 +93,9 @@ def test_features_match_torchmetrics_fid_feature_path(random_inception_weights, 
     assert feats.shape == (4, 2048) and feats.dtype == np.float64
     assert np.isfinite(feats).all() and feats.std() > 1e-3  # not a dead network
     assert not np.allclose(feats[0], feats[1])
-    # Deterministic, and batching does not matter.
-    np.testing.assert_allclose(inception_features(images, random_inception_weights, batch_size=3), feats, rtol=1e-5)
+    # Batching does not matter beyond float32 noise (tests/README.md). Inception-v3's longest path is ~47 conv layers,
+    # about 2.5 of the <= 20-layer networks F32_C was set on: steps=3. Mixed-up rows would differ by O(1).
+    assert_f32_close(inception_features(images, random_inception_weights, batch_size=3), feats, steps=3)
     # torchmetrics' FID feature network on the same uint8 images and the same weights file. antialias=False selects
     # torch-fidelity's TF1-compatible resize (the original FID's); torchmetrics' default antialias=True does not.
     metric = fid_module.FrechetInceptionDistance(
@@ -102,6 +103,8 @@ def test_features_match_torchmetrics_fid_feature_path(random_inception_weights, 
     )
     with torch.inference_mode():
         reference = metric.inception(images_to_uint8(images)).double().numpy()
+    # The same network code on the same uint8 images in one batch of 4 on both sides: no batch or kernel change, so
+    # nothing but the weights' file round trip could differ; kept tight.
     np.testing.assert_allclose(feats, reference, rtol=1e-5, atol=1e-6)
 
 
