@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from reflow import __version__
 from reflow.errors import ReflowError
+from reflow.version import __version__
 
 app = typer.Typer(
     help=__doc__,
@@ -54,7 +54,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from reflow.io import disk_error_reason, is_disk_error
+        from reflow.folders.io import disk_error_reason, is_disk_error
 
         try:
             _quiet_libraries()
@@ -109,7 +109,7 @@ class _Bar:
 
 
 def _device():
-    from reflow.runtime import partial_state
+    from reflow.folders.runtime import partial_state
 
     return partial_state().device
 
@@ -183,7 +183,7 @@ AllowPickle = Annotated[
 
 
 def _training_config(config_file: Path | None, **overrides):
-    from reflow.training import TrainConfig
+    from reflow.student.loop import TrainConfig
 
     if config_file is not None:
         return TrainConfig.from_toml(config_file, **overrides)
@@ -191,7 +191,7 @@ def _training_config(config_file: Path | None, **overrides):
 
 
 def _run_training(config) -> None:
-    from reflow.training import train
+    from reflow.student.loop import train
 
     with _Bar("train") as bar:
 
@@ -392,10 +392,10 @@ def generate_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
 ) -> None:
     """Run a teacher on seeded noise and store the coupled pairs (sharded; rerun the same command to resume)."""
-    from reflow.models import is_flow_pipeline
-    from reflow.pairs import check_generate_args, generate_pairs
-    from reflow.prompts import read_prompts
-    from reflow.teachers import load_teacher
+    from reflow.folders.prompts import read_prompts
+    from reflow.models.velocity import is_flow_pipeline
+    from reflow.pairs.generate import check_generate_args, generate_pairs
+    from reflow.teachers.base import load_teacher
 
     check_generate_args(num_pairs=num_pairs, batch_size=batch_size, shard_size=shard_size, dtype=dtype, seed=seed)
     if nfe is not None and nfe < 1:
@@ -453,7 +453,7 @@ def verify_pairs_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
 ) -> None:
     """Re-run the recorded teacher on sampled rows and report the largest difference (exit 1 if too large)."""
-    from reflow.pairs import verify_pairs
+    from reflow.pairs.generate import verify_pairs
 
     report = verify_pairs(pairs, rows, seed=seed, device=_device(), allow_pickle=allow_pickle)
     if report["files_checked"]:
@@ -505,11 +505,11 @@ def sample_cmd(
     the labels or prompts used go to OUT with .labels.npy / .prompts.txt in place of .npy)."""
     import torch
 
-    from reflow.io import atomic_write_bytes, claim_output, mark_output, output_owner
-    from reflow.models import load_model
-    from reflow.noise import row_noise
-    from reflow.sampling import sample
-    from reflow.solvers import SOLVERS
+    from reflow.core.noise import row_noise
+    from reflow.core.sampling import sample
+    from reflow.core.solvers import SOLVERS
+    from reflow.folders.io import atomic_write_bytes, claim_output, mark_output, output_owner
+    from reflow.models.velocity import load_model
 
     if solver not in SOLVERS:
         raise ReflowError(f"--solver must be one of {', '.join(SOLVERS)}")
@@ -567,8 +567,8 @@ def sample_cmd(
     elif conditioning == "text":
         if prompts is None:
             raise ReflowError(f"{model} is a text-to-image model: pass --prompts FILE (one prompt per line)")
-        from reflow.prompts import read_prompts
-        from reflow.text_teacher import PromptEncoder
+        from reflow.folders.prompts import read_prompts
+        from reflow.models.text import PromptEncoder
 
         texts = read_prompts(prompts)
         texts = [texts[i % len(texts)] for i in range(len(z0))]
@@ -582,7 +582,7 @@ def sample_cmd(
     sol = sample(m, z0, nfe, solver, batch_size=batch_size, device=_device(), clamp=not latent, cond=cond)
     z1 = sol.z1
     if decode:
-        from reflow.text_teacher import decode_latents
+        from reflow.models.text import decode_latents
 
         z1 = decode_latents(model, z1, allow_pickle=allow_pickle)
     bad = int((~torch.isfinite(z1)).flatten(1).any(1).sum())
@@ -611,7 +611,7 @@ def sample_cmd(
 
 def report_tables(metrics: dict) -> list[Table]:
     """Rich tables of an evaluation: one per quality metric, then the flow diagnostics."""
-    from reflow.report import LABELS, flow_table, metric_keys, metric_table
+    from reflow.eval.report import LABELS, flow_table, metric_keys, metric_table
 
     tables = []
     for title, (header, rows) in [
@@ -681,9 +681,9 @@ def eval_cmd(
     report comparing every --model from the same noise. Class-conditional models: samples cycle through the
     classes, with per-class W2 and (digits) classifier agreement; text-to-image models: the prompts of the
     --heldout pairs, quality in latent space against --reference (the pairs' z1)."""
-    from reflow.evaluation import EvalSettings, evaluate
-    from reflow.io import claim_output
-    from reflow.report import write_report
+    from reflow.eval.evaluate import EvalSettings, evaluate
+    from reflow.eval.report import write_report
+    from reflow.folders.io import claim_output
 
     settings = EvalSettings(
         nfes=_parse_nfes(nfe),
@@ -718,7 +718,7 @@ def rounds_cmd(
     out: Annotated[Path, typer.Option(help="Run folder: round-k/{pairs,student,report}, report/, manifest.json.")],
 ) -> None:
     """Teacher -> pairs -> student -> report, round after round, from one recipe; a rerun resumes."""
-    from reflow.rounds import run_rounds
+    from reflow.rounds.run import run_rounds
 
     with _Bar("rounds") as bar:
         run_rounds(
@@ -739,7 +739,7 @@ def quickstart_cmd(
     eval_samples: Annotated[int, typer.Option(help="Samples per model and NFE in the report.")] = 1000,
 ) -> None:
     """The embedded default: distil the bundled digits DDPM into a one-step student and evaluate it."""
-    from reflow.quickstart import run_quickstart
+    from reflow.rounds.quickstart import run_quickstart
 
     with _Bar("quickstart") as bar:
         run_quickstart(

@@ -11,7 +11,7 @@ the machine-readable declaration of the null label (diffusers ignores keys start
 After training the script measures deterministic DDIM (eta = 0, 50 steps) with classifier-free guidance,
 eps = eps_null + w * (eps_cond - eps_null), for several guidance scales w: 1000 samples with labels i % 10 and
 noise ``row_noise(seed=1, range(1000), (1, 8, 8))``. It reports classifier agreement (the fraction of samples
-that ``reflow.features.bundled_digits_net()`` classifies as the requested digit, overall and for the worst
+that ``reflow.eval.features.bundled_digits_net()`` classifies as the requested digit, overall and for the worst
 class) and W2 against all 1797 real digits, once with diffusers' default ``DDIMScheduler.step`` and once with
 ``use_clipped_model_output=True`` (which guidance needs with this clip_sample=True scheduler; see the model card).
 The numbers and how the model was trained go into ``OUT/README.md`` (a model card) and ``OUT/quality.json``.
@@ -49,10 +49,10 @@ from train_digits_teacher import (  # noqa: E402
     write_quality,
 )
 
-from reflow.data import load_digits_array  # noqa: E402
-from reflow.features import bundled_digits_net, classify  # noqa: E402
-from reflow.metrics import w2  # noqa: E402
-from reflow.noise import row_noise  # noqa: E402
+from reflow.core.noise import row_noise  # noqa: E402
+from reflow.eval.features import bundled_digits_net, classify  # noqa: E402
+from reflow.eval.metrics import w2  # noqa: E402
+from reflow.folders.data import load_digits_array  # noqa: E402
 
 NUM_DIGITS = 10
 NULL_CLASS = 10  # the unconditional label
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_digit_labels() -> torch.Tensor:
-    """The class of each row of :func:`reflow.data.load_digits_array` (scikit-learn's targets, same order)."""
+    """The class of each row of :func:`reflow.folders.data.load_digits_array` (scikit-learn's targets, same order)."""
     return torch.from_numpy(load_digits().target.astype(np.int64))
 
 
@@ -272,7 +272,7 @@ def model_card(
         "        x = scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample",
         "images = (x + 1) / 2  # [0, 1]",
         "# unguided (w = 1) as reflow's deterministic teacher, z0 (B, 1, 8, 8) unit Gaussian -> z1 in model space:",
-        "from reflow.diffusers_teacher import DiffusersTeacher",
+        "from reflow.teachers.ddpm import DiffusersTeacher",
         "",
         f'teacher = DiffusersTeacher("{path}", nfe=50, solver="ddim")',
         "z1 = teacher(torch.randn(16, 1, 8, 8), labels=y)",
@@ -307,12 +307,12 @@ def model_card(
             "scheduler (default `leading` spacing, clip_sample on); both predictions come from one batched UNet call.",
             "",
             "- Agreement: the fraction of samples that the bundled digits classifier",
-            "  (`reflow.features.classify(bundled_digits_net(), ...)`, `data/features/digits-cnn`) assigns to the",
+            "  (`reflow.eval.features.classify(bundled_digits_net(), ...)`, `data/features/digits-cnn`) assigns to the",
             "  requested digit, overall and for the worst digit (min class). The classifier itself gets "
             f"{quality['classifier_accuracy_on_real_digits']:.2%}",
             "  of the 1797 real digits right (it was trained on a stratified 80% of them and scores",
             "  100% on the held-out 20%; see `data/features/digits-cnn`).",
-            "- W2: the exact 2-Wasserstein distance (`reflow.metrics.w2`, POT's network simplex) between the",
+            "- W2: the exact 2-Wasserstein distance (`reflow.eval.metrics.w2`, POT's network simplex) between the",
             f"  {n} samples and all {quality['num_reference']} real digits, as 64-dim vectors in [-1, 1]. Lower is "
             "better.",
             "- Two DDIM updates: `step(eps, t, x, eta=0.0)` (diffusers' default, as `DDIMPipeline` and reflow's",

@@ -3,7 +3,7 @@
 Its 64-d penultimate layer is the feature space of reflow's digits Fréchet distance / KID, and its logits
 check class agreement of class-conditional samples. See ``reflow/features.py``.
 
-Data: ``reflow.data.load_digits_array()`` (float32 (1797, 1, 8, 8) in [-1, 1]) with the labels of
+Data: ``reflow.folders.data.load_digits_array()`` (float32 (1797, 1, 8, 8) in [-1, 1]) with the labels of
 ``sklearn.datasets.load_digits``, split 80/20 by ``train_test_split(..., test_size=0.2,
 stratify=labels, random_state=0)``. Only the 80% is trained on; the 20% gives the reported test accuracy
 (no model selection on it). Augmentation keeps digits recognisable when generated samples are slightly
@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from reflow.data import load_digits_array  # noqa: E402
-from reflow.features import DigitsNet, classify, save_feature_net  # noqa: E402
+from reflow.eval.features import DigitsNet, classify, save_feature_net  # noqa: E402
+from reflow.folders.data import load_digits_array  # noqa: E402
 
 SPLIT_SEED = 0
 TEST_SIZE = 0.2
@@ -141,18 +141,18 @@ def model_card(args: argparse.Namespace, info: dict, n_params: int, weights_byte
             "",
             "A small CNN classifier on scikit-learn's 1797 handwritten 8x8 digits (`load_digits`), inputs",
             "(N, 1, 8, 8) in model space [-1, 1] (pixel = value / 8 - 1 from sklearn's 0..16 scale, as",
-            "returned by `reflow.data.load_digits_array()`).",
+            "returned by `reflow.folders.data.load_digits_array()`).",
             "",
             "- Its 64-d penultimate layer (`DigitsNet.features`) is the feature space of reflow's digits",
             "  Fréchet distance and KID on generated digits.",
-            "- Its logits (`DigitsNet.forward`, `reflow.features.classify`) check class agreement of",
+            "- Its logits (`DigitsNet.forward`, `reflow.eval.features.classify`) check class agreement of",
             "  class-conditional samples.",
             "",
             "**This is not an Inception network.** Fréchet distances in this feature space are not comparable",
             "to FID figures in papers; compare them only with each other (same network, same sample counts).",
             "",
             "```python",
-            "from reflow.features import bundled_digits_net, classify, extract_features",
+            "from reflow.eval.features import bundled_digits_net, classify, extract_features",
             "net = bundled_digits_net()  # or load_feature_net('data/features/digits-cnn')",
             "feats = extract_features(net, images)  # images (N, 1, 8, 8) in [-1, 1] -> float64 (N, 64)",
             "labels = classify(net, images)  # int64 (N,)",

@@ -40,10 +40,10 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 from diffusers.optimization import get_cosine_schedule_with_warmup  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
-from reflow.data import load_digits_array  # noqa: E402
-from reflow.diffusers_teacher import DiffusersTeacher  # noqa: E402
-from reflow.metrics import w2  # noqa: E402
-from reflow.noise import row_noise  # noqa: E402
+from reflow.core.noise import row_noise  # noqa: E402
+from reflow.eval.metrics import w2  # noqa: E402
+from reflow.folders.data import load_digits_array  # noqa: E402
+from reflow.teachers.ddpm import DiffusersTeacher  # noqa: E402
 
 EVAL_SEED = 1
 EVAL_STEPS = (50, 10, 4, 2, 1)
@@ -292,7 +292,7 @@ def model_card(args: argparse.Namespace, command: str, info: dict, quality: dict
         "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # deterministic (eta = 0)",
         'images = pipe(batch_size=16, num_inference_steps=50, output_type="np").images  # [0, 1]',
         "# or as reflow's deterministic teacher, z0 (B, 1, 8, 8) unit Gaussian -> z1 in model space:",
-        "from reflow.diffusers_teacher import DiffusersTeacher",
+        "from reflow.teachers.ddpm import DiffusersTeacher",
         'teacher = DiffusersTeacher("data/teachers/digits-ddpm", nfe=50, solver="ddim")',
         "```",
         "",
@@ -314,7 +314,7 @@ def model_card(args: argparse.Namespace, command: str, info: dict, quality: dict
         lines += [
             "## Sample quality (deterministic DDIM, eta = 0)",
             "",
-            "W2 is the exact 2-Wasserstein distance (`reflow.metrics.w2`, POT's network simplex) between",
+            "W2 is the exact 2-Wasserstein distance (`reflow.eval.metrics.w2`, POT's network simplex) between",
             f"{n} samples and all {quality['num_reference']} real digits, as 64-dim vectors in [-1, 1]. Noise:",
             f'`{quality["noise"]}`, sampled with `DiffusersTeacher(folder, nfe=K, solver="ddim")`',
             "(the checkpoint's own scheduler config turned into `DDIMScheduler`, default `leading` spacing,",

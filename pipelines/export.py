@@ -1,7 +1,7 @@
 """Export: a student folder that stock diffusers loads and samples with no code of ours.
 
-An image student (``reflow.models.UNetFlow``) is written as a ``DDPMPipeline`` folder: its ``unet/`` (a
-``UNet2DModel`` in the flow-matching convention, see ``reflow.flow``) and a ``scheduler/`` that is
+An image student (``reflow.models.velocity.UNetFlow``) is written as a ``DDPMPipeline`` folder: its ``unet/`` (a
+``UNet2DModel`` in the flow-matching convention, see ``reflow.core.flow``) and a ``scheduler/`` that is
 ``DPMSolverMultistepScheduler`` of order 1 with flow sigmas. Why that scheduler:
 
 - DPM-Solver++ of order 1 is DDIM, and DDIM on the straight path x_t = (1 - t) z0 + t z1 is exactly an
@@ -22,24 +22,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
-
-def student_scheduler(num_train_timesteps: int = 1000) -> Any:
-    """The scheduler of an exported image student: k-step Euler on a uniform grid (see the module docstring)."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler(
-        num_train_timesteps=num_train_timesteps,
-        use_flow_sigmas=True,
-        flow_shift=1.0,
-        prediction_type="flow_prediction",
-        algorithm_type="dpmsolver++",
-        solver_order=1,
-        final_sigmas_type="zero",
-    )
+from reflow.models.velocity import student_scheduler
 
 
 def save_student(
@@ -58,10 +44,10 @@ def save_student(
       with ``pipe(prompt, num_inference_steps=k, guidance_scale=1.0)`` (guidance is baked into the pairs);
     - anything else (an MLP): a ``save_pretrained`` folder.
 
-    Every one gets ``reflow_weights.json`` (``reflow.models.WEIGHTS_RECORD``): the size and sha256 of each
+    Every one gets ``reflow_weights.json`` (``reflow.models.velocity.WEIGHTS_RECORD``): the size and sha256 of each
     weights file, which reflow checks on every load, so weights whose bytes changed never load silently.
     """
-    from reflow.models import record_weights
+    from reflow.models.velocity import record_weights
 
     folder = Path(folder)
     _save_folder(model, folder, components=components, null_label=null_label)
@@ -71,14 +57,14 @@ def save_student(
 def _save_folder(model: nn.Module, folder: Path, *, components: str | Path | None, null_label: int | None) -> None:
     from diffusers import DDPMPipeline
 
-    from reflow.models import UNetFlow
+    from reflow.models.velocity import UNetFlow
 
     if not isinstance(model, UNetFlow):
         model.save_pretrained(str(folder), safe_serialization=True)
         return
     scheduler = student_scheduler(model.num_train_timesteps)
     if model.conditioning == "class":
-        from .class_conditional import ReflowClassConditionalPipeline
+        from reflow.pipelines.class_conditional import ReflowClassConditionalPipeline
 
         ReflowClassConditionalPipeline(unet=model.unet, scheduler=scheduler).save_pretrained(
             str(folder), safe_serialization=True
@@ -91,7 +77,7 @@ def _save_folder(model: nn.Module, folder: Path, *, components: str | Path | Non
             index["_reflow_null_class"] = int(null_label)
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     elif model.conditioning == "text":
-        from .text_to_image import save_text_to_image
+        from reflow.pipelines.text_to_image import save_text_to_image
 
         save_text_to_image(model.unet, scheduler, folder, components)
     else:

@@ -1,6 +1,6 @@
 """Export of a text-to-image student: a stock ``StableDiffusionPipeline`` folder.
 
-The student's ``UNet2DConditionModel`` (flow-matching convention, see ``reflow.flow``) goes with the
+The student's ``UNet2DConditionModel`` (flow-matching convention, see ``reflow.core.flow``) goes with the
 k-step Euler scheduler of ``reflow.pipelines.export.student_scheduler`` and the teacher's own VAE, text
 encoder and tokenizer, so
 
@@ -26,7 +26,7 @@ def save_text_to_image(unet: Any, scheduler: Any, folder: str | Path, components
     tokenizer of the Stable Diffusion folder ``components``."""
     from diffusers import StableDiffusionPipeline
 
-    from reflow.text_teacher import load_text_encoder, load_vae
+    from reflow.models.text import load_text_encoder, load_vae
 
     if components is None:
         raise ReflowError("a text-to-image student needs its teacher's folder for the VAE and text encoder")

@@ -8,9 +8,9 @@ import pytest
 from reflow.cli.app import app
 from typer.testing import CliRunner
 
-from reflow.models import load_model
-from reflow.noise import row_noise
-from reflow.solvers import solve
+from reflow.core.noise import row_noise
+from reflow.core.solvers import solve
+from reflow.models.velocity import load_model
 
 runner = CliRunner()
 
@@ -123,7 +123,7 @@ def test_full_loop(tmp_path, tiny_config):
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["models"][0]
     import ot
 
-    from reflow.data import load_source
+    from reflow.folders.data import load_source
 
     ref = load_source("checkerboard").reference(300).numpy().astype(np.float64)
     for k in (1, 2):

@@ -11,8 +11,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline
 from helpers import assert_f32_close
 
-from reflow.diffusers_teacher import DiffusersTeacher
-from reflow.noise import row_noise
+from reflow.core.noise import row_noise
+from reflow.teachers.ddpm import DiffusersTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "data" / "train_digits_cond_teacher.py"

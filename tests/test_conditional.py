@@ -16,13 +16,13 @@ from reflow.pipelines.class_conditional import ReflowClassConditionalPipeline
 from test_diffusers_teacher import tiny_unet
 from typer.testing import CliRunner
 
-from reflow.diffusers_teacher import DiffusersTeacher
+from reflow.core.noise import row_labels, row_noise
+from reflow.core.sampling import sample
 from reflow.errors import ReflowError
-from reflow.models import load_model
-from reflow.noise import row_labels, row_noise
-from reflow.pairs import PairsReader, load_pairs
-from reflow.sampling import sample
-from reflow.teachers import load_teacher
+from reflow.models.velocity import load_model
+from reflow.pairs.generate import PairsReader, load_pairs
+from reflow.teachers.base import load_teacher
+from reflow.teachers.ddpm import DiffusersTeacher
 
 runner = CliRunner()
 NULL = 3  # classes 0, 1, 2 and the unconditional label 3
@@ -102,7 +102,7 @@ def test_guidance_errors(tmp_path, teacher_dir):
     with pytest.raises(ReflowError, match="finite number"):
         DiffusersTeacher(teacher_dir, nfe=2, guidance_scale=float("nan"))
     with pytest.raises(ReflowError, match="unconditional label"):
-        from reflow.pairs import generate_pairs
+        from reflow.pairs.generate import generate_pairs
 
         generate_pairs(DiffusersTeacher(teacher_dir, nfe=2), tmp_path / "p", 4, labels=[NULL])
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from helpers import F32_C_ELEMENTWISE, f32_tol
 
-from reflow.data import BUILTINS, load_source
 from reflow.errors import ReflowError
+from reflow.folders.data import BUILTINS, load_source
 
 
 @pytest.mark.parametrize("name", BUILTINS)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from helpers import F32_C_ELEMENTWISE, f32_atol
 
+from reflow.core.noise import row_noise
+from reflow.core.solvers import solve, solve_fixed, time_grid
 from reflow.errors import ReflowError
-from reflow.evaluation import EvalSettings, evaluate, model_names
-from reflow.noise import row_noise
-from reflow.report import write_report
-from reflow.solvers import solve, solve_fixed, time_grid
+from reflow.eval.evaluate import EvalSettings, evaluate, model_names
+from reflow.eval.report import write_report
 
 TEACHER = "data/teachers/digits-ddpm"
 
@@ -55,8 +55,8 @@ def test_model_names_are_unique():
 def test_toy_report_two_models(tmp_path, tiny_flow):
     import ot
 
-    from reflow.data import load_source
-    from reflow.models import load_model
+    from reflow.folders.data import load_source
+    from reflow.models.velocity import load_model
 
     # The same model twice under two names: identical rows are a check that nothing depends on order.
     other = tmp_path / "copy" / "tiny"
@@ -102,9 +102,9 @@ def digits_setup(tmp_path_factory):
     """Held-out pairs from the bundled DDPM (DDIM-4) and an image student initialised from it (no training)."""
     from reflow.pipelines.export import save_student as save
 
-    from reflow.models import init_model
-    from reflow.pairs import generate_pairs
-    from reflow.teachers import load_teacher
+    from reflow.models.velocity import init_model
+    from reflow.pairs.generate import generate_pairs
+    from reflow.teachers.base import load_teacher
 
     root = tmp_path_factory.mktemp("digits-eval")
     teacher = load_teacher(TEACHER, nfe=4, solver="ddim")
@@ -114,11 +114,11 @@ def digits_setup(tmp_path_factory):
 
 
 def test_digits_report_teacher_vs_student(tmp_path, digits_setup):
-    from reflow.data import load_source
-    from reflow.evaluation import digits_feature_extractor
-    from reflow.features import bundled_digits_net, extract_features
-    from reflow.metrics import frechet_distance
-    from reflow.teachers import load_teacher
+    from reflow.eval.evaluate import digits_feature_extractor
+    from reflow.eval.features import bundled_digits_net, extract_features
+    from reflow.eval.metrics import frechet_distance
+    from reflow.folders.data import load_source
+    from reflow.teachers.base import load_teacher
 
     settings = EvalSettings(
         nfes=[1, 4],

@@ -17,10 +17,10 @@ from test_diffusers_teacher import save, tiny_unet
 from typer.testing import CliRunner
 
 from reflow.errors import ReflowError
-from reflow.models import UNetFlow, init_model, load_model
-from reflow.pairs import generate_pairs
-from reflow.teachers import load_teacher
-from reflow.training import TrainConfig, train
+from reflow.models.velocity import UNetFlow, init_model, load_model
+from reflow.pairs.generate import generate_pairs
+from reflow.student.loop import TrainConfig, train
+from reflow.teachers.base import load_teacher
 
 runner = CliRunner()
 TRAIN = dict(batch_size=16, log_every=2, checkpoint_every=1000, lr=1e-3)
@@ -119,8 +119,8 @@ def test_student_is_a_teacher_for_the_next_round(student, tmp_path):
 
 
 def test_distill_one_step_improves_fidelity_to_the_teacher(student, pairs, tmp_path):
-    from reflow.pairs import load_pairs
-    from reflow.sampling import sample
+    from reflow.core.sampling import sample
+    from reflow.pairs.generate import load_pairs
 
     data = load_pairs(pairs)
 

@@ -13,9 +13,8 @@ from helpers import f32_tol, f64_tol
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from reflow.data import load_digits_array
 from reflow.errors import ReflowError
-from reflow.features import (
+from reflow.eval.features import (
     BUNDLED_DIGITS_FEATURES,
     DigitsNet,
     bundled_digits_net,
@@ -24,6 +23,7 @@ from reflow.features import (
     load_feature_net,
     save_feature_net,
 )
+from reflow.folders.data import load_digits_array
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import F32_C_ELEMENTWISE, f32_tol
 
-from reflow.flow import (
+from reflow.core.flow import (
     default_huber_c,
     expand_like,
     flow_matching_loss,

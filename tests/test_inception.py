@@ -10,7 +10,7 @@ import torch
 from helpers import assert_f32_close, import_or_skip
 
 from reflow.errors import ReflowError
-from reflow.metrics import images_to_uint8, inception_features
+from reflow.eval.metrics import images_to_uint8, inception_features
 
 
 class _Payload:

@@ -6,7 +6,7 @@ from scipy.linalg import sqrtm
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from reflow.metrics import frechet_distance, frechet_distance_gaussians, kernel_distance, w2
+from reflow.eval.metrics import frechet_distance, frechet_distance_gaussians, kernel_distance, w2
 
 
 def test_w2_equals_optimal_assignment():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reflow.errors import ReflowError
-from reflow.models import MLPVelocity, load_model
+from reflow.models.velocity import MLPVelocity, load_model
 
 
 @pytest.mark.parametrize("shape", [(2,), (1, 8, 8)])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from reflow.noise import MAX_INDEX, MAX_SEED, row_labels, row_noise
+from reflow.core.noise import MAX_INDEX, MAX_SEED, row_labels, row_noise
 
 
 def reference_noise(seed, indices, shape):

@@ -13,7 +13,7 @@ from reflow.cli.app import app
 from typer.testing import CliRunner
 
 from reflow.errors import ReflowError
-from reflow.io import MARKER, atomic_dir, check_writable, claim_output, clean_debris, mark_output
+from reflow.folders.io import MARKER, atomic_dir, check_writable, claim_output, clean_debris, mark_output
 
 runner = CliRunner()
 
@@ -181,12 +181,12 @@ def test_sample_rejects_bad_noise_and_settings(tmp_path, tiny_flow):
 
 
 def test_disk_full_is_one_line(tmp_path, tiny_flow, monkeypatch):
-    import reflow.io
+    import reflow.folders.io
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(reflow.io, "atomic_write_bytes", full)
+    monkeypatch.setattr(reflow.folders.io, "atomic_write_bytes", full)
     r = run("sample", "--model", tiny_flow, "--num", 4, "--out", tmp_path / "s.npy")
     one_line_error(r, "No space left on device", "rerun")
 

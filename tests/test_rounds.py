@@ -13,7 +13,7 @@ from reflow.cli.app import app
 from typer.testing import CliRunner
 
 from reflow.errors import ReflowError
-from reflow.rounds import Recipe
+from reflow.rounds.run import Recipe
 
 RECIPE = """
 name = "tiny-moons"
@@ -49,7 +49,7 @@ diagnostics_samples = 64
 KILL = textwrap.dedent(
     """
     import os, signal, sys
-    from reflow.rounds import run_rounds
+    from reflow.rounds.run import run_rounds
     def progress(stage, done, total, info=""):
         if stage == "train round 2" and done >= 15:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -1,5 +1,5 @@
 """Settings from TOML files are checked, value by value, before any work: one ReflowError line that names the
-file, the table and the key (reflow.settings, TrainConfig.from_toml, Recipe.from_toml)."""
+file, the table and the key (reflow.folders.settings, TrainConfig.from_toml, Recipe.from_toml)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from reflow.cli.app import app
 from typer.testing import CliRunner
 
 from reflow.errors import ReflowError
-from reflow.quickstart import quickstart_recipe
-from reflow.rounds import Recipe
-from reflow.settings import check_values
-from reflow.training import TrainConfig, read_toml
+from reflow.folders.settings import check_values
+from reflow.rounds.quickstart import quickstart_recipe
+from reflow.rounds.run import Recipe
+from reflow.student.loop import TrainConfig, read_toml
 
 runner = CliRunner()
 RECIPE = 'name = "t"\nrounds = 2\n[teacher]\ndata = "moons"\n'

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import F32_C_ELEMENTWISE, f32_tol
 
-from reflow.solvers import heun_steps_for_nfe, solve, solve_adaptive, solve_fixed, time_grid
+from reflow.core.solvers import heun_steps_for_nfe, solve, solve_adaptive, solve_fixed, time_grid
 
 
 def rotation(x, t):

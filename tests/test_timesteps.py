@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from reflow.timesteps import sample_time
+from reflow.core.timesteps import sample_time
 
 N = 400_000
 

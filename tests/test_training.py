@@ -11,9 +11,9 @@ from helpers import free_port
 from safetensors.torch import load_file
 
 from reflow.errors import ReflowError
-from reflow.pairs import generate_pairs
-from reflow.teachers import FlowTeacher
-from reflow.training import TrainConfig, checkpoint_root, latest_checkpoint, train
+from reflow.pairs.generate import generate_pairs
+from reflow.student.loop import TrainConfig, checkpoint_root, latest_checkpoint, train
+from reflow.teachers.base import FlowTeacher
 
 TINY = dict(hidden_dim=32, num_layers=2, time_embed_dim=16, batch_size=64, log_every=5)
 
@@ -70,7 +70,7 @@ def test_reflow_round_from_pairs_with_init(tiny_flow, tmp_path):
 RUN = textwrap.dedent(
     """
     import os, signal, sys
-    from reflow.training import TrainConfig, train
+    from reflow.student.loop import TrainConfig, train
     out, kill_at = sys.argv[1], int(sys.argv[2])
     def progress(step, total, loss, sps):
         if kill_at and step >= kill_at:
@@ -186,7 +186,7 @@ def test_tensorboard_logs_and_max_pairs(tiny_flow, tmp_path):
 def test_pairs_reader_gathers_exactly_the_stored_rows(tiny_flow, tmp_path):
     import datasets
 
-    from reflow.pairs import PairsReader
+    from reflow.pairs.generate import PairsReader
 
     pairs = generate_pairs(FlowTeacher(tiny_flow, nfe=2), tmp_path / "pairs", 100, batch_size=32, shard_size=32)
     stored = datasets.load_from_disk(str(pairs)).with_format("numpy")

@@ -17,9 +17,9 @@ from test_diffusers_teacher import tiny_unet
 from typer.testing import CliRunner
 
 from reflow.errors import ReflowError
-from reflow.features import DigitsNet, load_feature_net, save_feature_net
-from reflow.models import WEIGHTS_RECORD, UNetFlow, init_model, load_model, record_weights
-from reflow.teachers import load_teacher
+from reflow.eval.features import DigitsNet, load_feature_net, save_feature_net
+from reflow.models.velocity import WEIGHTS_RECORD, UNetFlow, init_model, load_model, record_weights
+from reflow.teachers.base import load_teacher
 
 runner = CliRunner()
 CHANGED = "changed after it was written (sha256 mismatch); re-export or re-train the model"

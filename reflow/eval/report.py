@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import Evaluation, safe_name
-from .io import atomic_write_json, atomic_write_text, mark_output
+from reflow.eval.evaluate import Evaluation, safe_name
+from reflow.folders.io import atomic_write_json, atomic_write_text, mark_output
 
 LABELS = {
     "w2": "W2 to data",

@@ -2,7 +2,7 @@
 distillation.
 
 Plain torch on Accelerate (one CPU, many GPUs, many nodes): ``prepare`` once, ``accumulate``,
-``backward``. Checkpoints are safetensors + JSON (``reflow.checkpoint``): a resume never unpickles
+``backward``. Checkpoints are safetensors + JSON (``reflow.student.checkpoints``): a resume never unpickles
 anything, and resumes only the run that wrote them (same data, model and result-determining settings,
 recorded in every checkpoint). The batch of step s is a function of (seed, s) alone: every
 process draws the same global batch and keeps its own slice, so a resumed run and an N-process run
@@ -27,8 +27,25 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .checkpoint import (
+from reflow.core.flow import LOSSES, distillation_loss, flow_matching_loss
+from reflow.core.noise import MAX_SEED
+from reflow.core.solvers import time_grid
+from reflow.core.timesteps import TIME_SAMPLERS, sample_time
+from reflow.errors import ReflowError
+from reflow.folders.data import load_source
+from reflow.folders.io import (
+    MARKER,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    claim_output,
+    mark_output,
+    output_owner,
+)
+from reflow.folders.runtime import use_cpu
+from reflow.models.velocity import build_model, check_conditioning, init_model, model_card
+from reflow.pairs.generate import PairsReader
+from reflow.student.checkpoints import (
     checkpoint_kind,
     load_rng_state,
     load_training_state,
@@ -36,16 +53,7 @@ from .checkpoint import (
     save_rng_state,
     save_training_state,
 )
-from .data import load_source
-from .errors import ReflowError
-from .flow import LOSSES, distillation_loss, flow_matching_loss
-from .io import MARKER, atomic_dir, atomic_write_json, atomic_write_text, claim_output, mark_output, output_owner
-from .models import build_model, check_conditioning, init_model, model_card
-from .noise import MAX_SEED
-from .pairs import PairsReader
-from .runtime import use_cpu
-from .solvers import time_grid
-from .timesteps import TIME_SAMPLERS, sample_time
+from reflow.version import __version__
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("auto", "none", "tensorboard", "wandb", "all")
@@ -96,7 +104,7 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ReflowError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-        from .settings import check_values
+        from reflow.folders.settings import check_values
 
         values = check_values(cls, values, str(path))
         given = {k: str(v) if hasattr(v, "__fspath__") else v for k, v in overrides.items() if v is not None}
@@ -284,7 +292,7 @@ def _finished_run(out: Path) -> dict[str, Any] | None:
 
 def _already_complete(out: Path, finished: dict[str, Any], settings: dict[str, Any]) -> TrainResult:
     """The result of a rerun of the finished training in ``out``; its stale checkpoints are removed."""
-    from .runtime import partial_state
+    from reflow.folders.runtime import partial_state
 
     recorded = finished.get("settings")
     diffs = _differences(recorded, settings) if recorded is not None else []
@@ -373,7 +381,7 @@ def _tracker_config(config: TrainConfig) -> dict[str, Any]:
 def _attach_prompt_embeddings(pairs: PairsReader, allow_pickle: bool) -> None:
     """Text pairs stored as prompts only: encode each distinct prompt once with the teacher's text encoder
     (on the CPU), keep the table, and free the encoder before the UNet is built."""
-    from .text_teacher import PromptEncoder
+    from reflow.models.text import PromptEncoder
 
     teacher = (pairs.provenance.get("teacher") or {}).get("teacher")
     if not teacher:
@@ -392,7 +400,7 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    from .pipelines.export import save_student
+    from reflow.pipelines.export import save_student
 
     _check(config)
     if config.loss == "auto":

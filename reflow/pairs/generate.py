@@ -10,7 +10,7 @@ finished shard, each written to a temporary name and renamed. A killed run rerun
 keeps its finished shards and makes the rest; when all exist, they are joined into ``PAIRS`` (again
 through a temporary name) and ``PAIRS.partial`` is removed. Processes (Accelerate) split the shards
 round-robin, so one process or many write the same rows. One run at a time: the main process holds the
-lock ``.PAIRS.lock`` beside ``PAIRS`` (see ``reflow.locks``) from the start to the end.
+lock ``.PAIRS.lock`` beside ``PAIRS`` (see ``reflow.folders.locks``) from the start to the end.
 
 ``reflow_pairs.json`` records the provenance, the row count and each file's size and sha256: opening
 the pairs checks the sizes and the rows, ``verify_pairs`` the hashes too.
@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import ReflowError
-from .io import atomic_dir, atomic_write_json, atomic_write_text, claim_output, clean_debris
-from .locks import Lock, acquire
-from .noise import check_seed, row_labels, row_noise
-from .runtime import partial_state, quiet_datasets
-from .teachers import Teacher
+from reflow.core.noise import check_seed, row_labels, row_noise
+from reflow.errors import ReflowError
+from reflow.folders.io import atomic_dir, atomic_write_json, atomic_write_text, claim_output, clean_debris
+from reflow.folders.locks import Lock, acquire
+from reflow.folders.runtime import partial_state, quiet_datasets
+from reflow.teachers.base import Teacher
+from reflow.version import __version__
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SHARD_BYTES = 64 * 2**20
@@ -821,7 +821,7 @@ def verify_pairs(
     ``files_checked`` in the report counts the files whose hashes matched (0 for older folders that
     recorded none).
     """
-    from .teachers import load_teacher
+    from reflow.teachers.base import load_teacher
 
     if rows < 1:
         raise ReflowError(f"--rows must be at least 1, got {rows}")

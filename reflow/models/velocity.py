@@ -18,7 +18,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from .errors import ReflowError
+from reflow.errors import ReflowError
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -69,7 +69,7 @@ class UNetFlow(nn.Module):
     """A diffusers UNet used as a velocity model, in diffusers' flow-matching convention.
 
     The UNet sees what a flow-matching scheduler feeds it and predicts what that scheduler expects
-    (``reflow.flow.to_diffusers_timestep`` / ``velocity_from_diffusers``):
+    (``reflow.core.flow.to_diffusers_timestep`` / ``velocity_from_diffusers``):
 
         timestep = (1 - t) * num_train_timesteps,      unet(x_t, timestep) = z0 - z1 = -v(x_t, t)
 
@@ -123,7 +123,7 @@ class UNetFlow(nn.Module):
         class_labels: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from .flow import to_diffusers_timestep, velocity_from_diffusers
+        from reflow.core.flow import to_diffusers_timestep, velocity_from_diffusers
 
         timestep = to_diffusers_timestep(t, self.num_train_timesteps)
         if self.conditioning == "text":
@@ -142,8 +142,6 @@ class UNetFlow(nn.Module):
 
     def euler_grid(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(nodes, query): the k-step Euler grid of the exported scheduler, as flow times (float64)."""
-        from .pipelines.export import student_scheduler
-
         return scheduler_grid(student_scheduler(self.num_train_timesteps), steps)
 
 
@@ -153,7 +151,7 @@ def scheduler_grid(scheduler: Any, steps: int) -> tuple[torch.Tensor, torch.Tens
     ``nodes`` (steps + 1 values) are 1 - sigma (sigma = 1 is noise, so t = 0); ``query`` (steps values) are
     the times the UNet is called at, 1 - timestep / num_train_timesteps (schedulers may round timesteps).
     """
-    from .flow import from_diffusers_sigma
+    from reflow.core.flow import from_diffusers_sigma
 
     scheduler.set_timesteps(steps)
     nodes = from_diffusers_sigma(scheduler.sigmas.double())
@@ -285,7 +283,7 @@ def _sha256(file: Path) -> str:
 
 def record_weights(folder: str | Path) -> dict[str, dict[str, Any]]:
     """Write ``folder/reflow_weights.json``: the size and sha256 of every weights file under ``folder``."""
-    from .io import atomic_write_json
+    from reflow.folders.io import atomic_write_json
 
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHTS_SUFFIXES)
@@ -472,3 +470,18 @@ def model_card(title: str, provenance: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def student_scheduler(num_train_timesteps: int = 1000) -> Any:
+    """The scheduler of an exported image student: k-step Euler on a uniform grid (see the module docstring)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=num_train_timesteps,
+        use_flow_sigmas=True,
+        flow_shift=1.0,
+        prediction_type="flow_prediction",
+        algorithm_type="dpmsolver++",
+        solver_order=1,
+        final_sigmas_type="zero",
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ReflowError
+from reflow.errors import ReflowError
 
 
 def read_prompts(source: str | Path, column: str = "prompt") -> list[str]:

@@ -14,11 +14,11 @@ trains, whether to distil the last student, and how to evaluate::
     solver = "euler"
     nfe = 16
     heldout = 1024       # held-out pairs of the starting teacher (from data: of 1-RF), for fidelity
-    [train]              # reflow.training.TrainConfig names, for every round; [train.round2] overrides
+    [train]              # reflow.student.loop.TrainConfig names, for every round; [train.round2] overrides
     max_steps = 2000
     [distill]            # optional: distil the last round's student on its pairs
     k = 1                # or a list, k = [1, 2]: one distilled student per k, in distill-k1/, distill-k2/
-    [eval]               # reflow.evaluation.EvalSettings names
+    [eval]               # reflow.eval.evaluate.EvalSettings names
     nfes = [1, 2, 4]
     reference = "digits"
 
@@ -43,13 +43,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import ReflowError
-from .evaluation import EvalSettings, Evaluation, evaluate
-from .io import atomic_write_json, claim_output, mark_output
-from .report import write_report
-from .settings import check_types, check_values
-from .training import TrainConfig, latest_checkpoint, read_toml, train
+from reflow.errors import ReflowError
+from reflow.eval.evaluate import EvalSettings, Evaluation, evaluate
+from reflow.eval.report import write_report
+from reflow.folders.io import atomic_write_json, claim_output, mark_output
+from reflow.folders.settings import check_types, check_values
+from reflow.student.loop import TrainConfig, latest_checkpoint, read_toml, train
+from reflow.version import __version__
 
 Progress = Callable[..., None]
 """``progress(stage, done, total, info="")``."""
@@ -97,8 +97,8 @@ def _names(message: str) -> str:
 
 def _check_train(values: dict[str, Any], where: str, label: str, **paths: Any) -> None:
     """The checks training makes of its settings before it starts (ranges, choices), made now."""
-    from .noise import MAX_SEED
-    from .training import _check
+    from reflow.core.noise import MAX_SEED
+    from reflow.student.loop import _check
 
     try:
         config = TrainConfig(out="recipe", **paths, **values)
@@ -110,8 +110,8 @@ def _check_train(values: dict[str, Any], where: str, label: str, **paths: Any) -
 
 
 def _check_teacher(teacher: dict[str, Any], where: str) -> None:
-    from .diffusers_teacher import DIFFUSERS_SOLVERS
-    from .solvers import SOLVERS
+    from reflow.core.solvers import SOLVERS
+    from reflow.teachers.ddpm import DIFFUSERS_SOLVERS
 
     if ("data" in teacher) == ("checkpoint" in teacher):
         raise ReflowError(f"{where}: [teacher] needs exactly one of data = SOURCE or checkpoint = PATH")
@@ -132,7 +132,7 @@ def _check_teacher(teacher: dict[str, Any], where: str) -> None:
 
 
 def _check_pairs(pairs: dict[str, Any], where: str) -> None:
-    from .solvers import SOLVERS
+    from reflow.core.solvers import SOLVERS
 
     for key in ("num_pairs", "nfe", "batch_size"):
         if pairs[key] < 1:
@@ -166,7 +166,7 @@ class Recipe:
         """Check every name and value before any work (types against the tables above, TrainConfig and
         EvalSettings; the ranges training and evaluation check when they start); every error line starts
         with ``where``, the recipe's path."""
-        from .noise import MAX_SEED
+        from reflow.core.noise import MAX_SEED
 
         _unknown(raw, _TOP, where)
         check_types(raw, _TYPES[""], where)
@@ -314,9 +314,9 @@ def run_rounds(
 ) -> dict[str, Any]:
     """Run (or resume) a recipe into ``out``; returns the metrics of the table across rounds
     (``out/report/metrics.json``)."""
-    from .pairs import generate_pairs
-    from .runtime import partial_state
-    from .teachers import load_teacher
+    from reflow.folders.runtime import partial_state
+    from reflow.pairs.generate import generate_pairs
+    from reflow.teachers.base import load_teacher
 
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_toml(recipe)
@@ -360,7 +360,7 @@ def run_rounds(
 
     prompts = None
     if pairs_cfg.get("prompts") is not None:
-        from .prompts import read_prompts
+        from reflow.folders.prompts import read_prompts
 
         prompts = read_prompts(pairs_cfg["prompts"])
 
@@ -525,7 +525,7 @@ def run_rounds(
 
 
 def _is_diffusers_checkpoint(path: Path) -> bool:
-    from .models import is_flow_pipeline
+    from reflow.models.velocity import is_flow_pipeline
 
     return (path / "model_index.json").is_file() and not is_flow_pipeline(path)
 

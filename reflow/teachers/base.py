@@ -13,10 +13,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import ReflowError
-from .flow import Conditioned
-from .models import load_model
-from .solvers import SOLVERS, solve
+from reflow.core.flow import Conditioned
+from reflow.core.solvers import SOLVERS, solve
+from reflow.errors import ReflowError
+from reflow.models.velocity import load_model
 
 
 class Teacher(Protocol):
@@ -90,7 +90,7 @@ class FlowTeacher:
 
     def _prompt_encoder(self):
         if self._encoder is None:
-            from .text_teacher import PromptEncoder
+            from reflow.models.text import PromptEncoder
 
             self._encoder = PromptEncoder(self.path, allow_pickle=self.allow_pickle)
         return self._encoder
@@ -152,19 +152,19 @@ def load_teacher(
 ) -> Teacher:
     """Open a teacher folder: one of our flow models (a ``config.json`` naming a reflow model class), or a
     diffusers pipeline folder (``model_index.json``; solvers "ddim", "dpm"; ``overrides`` such as
-    ``timestep_spacing`` / ``clip_sample`` go to its scheduler, see ``reflow.diffusers_teacher``)."""
+    ``timestep_spacing`` / ``clip_sample`` go to its scheduler, see ``reflow.teachers.ddpm``)."""
     path = Path(path)
     if not path.exists():
         raise ReflowError(
             f"no such teacher: {path} (pass a model folder written by `reflow train` or a diffusers pipeline folder)"
         )
-    from .models import is_flow_pipeline
+    from reflow.models.velocity import is_flow_pipeline
 
     if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
-        from .models import is_text_pipeline
+        from reflow.models.velocity import is_text_pipeline
 
         if is_text_pipeline(path):
-            from .text_teacher import TextToImageTeacher
+            from reflow.teachers.text import TextToImageTeacher
 
             for name in ("null_label", "clipped_model_output"):
                 if name in overrides:
@@ -173,7 +173,7 @@ def load_teacher(
             return TextToImageTeacher(
                 path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle, **overrides
             )
-        from .diffusers_teacher import DiffusersTeacher
+        from reflow.teachers.ddpm import DiffusersTeacher
 
         if "negative_prompt" in overrides:
             raise ReflowError("--negative-prompt applies to text-to-image teachers; drop it")
@@ -185,7 +185,7 @@ def load_teacher(
         return FlowTeacher(path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle)
     if (path / "config.json").is_file():
         class_name = json.loads((path / "config.json").read_text()).get("_class_name")
-        from .models import MODEL_CLASSES
+        from reflow.models.velocity import MODEL_CLASSES
 
         if class_name in MODEL_CLASSES:
             return FlowTeacher(path, nfe=nfe, solver=solver, device=device, allow_pickle=allow_pickle)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flow import Velocity, per_sample_sq_norm
+from reflow.core.flow import Velocity, per_sample_sq_norm
 
 FIXED_SOLVERS = ("euler", "heun")
 SOLVERS = (*FIXED_SOLVERS, "adaptive")

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ReflowError
+from reflow.errors import ReflowError
 
 MARKER = ".reflow-output.json"
 """The file inside a folder output that says which reflow command wrote it."""
@@ -78,7 +78,7 @@ def _marker_file(path: Path, kind: Literal["dir", "file"]) -> Path:
 
 def mark_output(path: str | os.PathLike, command: str, kind: Literal["dir", "file"] = "dir", **info: Any) -> None:
     """Record that ``reflow <command>`` wrote ``path`` (see :func:`claim_output`)."""
-    from . import __version__
+    from reflow.version import __version__
 
     atomic_write_json(_marker_file(Path(path), kind), {"command": command, "reflow_version": __version__, **info})
 

@@ -13,7 +13,7 @@ For each model and each NFE k in ``nfes``:
 and once per model the reference solve on the first seed's noise (the DDPM's own solver at ``teacher_nfe``
 steps for a diffusers checkpoint; adaptive dopri5 for a flow, by default for vectors only, since it costs
 ~100 calls per sample) and, for flows, on ``diagnostics_samples`` noise draws: the straightness S and
-curvature K along a ``straightness_steps``-step Euler solve (see ``reflow.solvers``) and the calls the
+curvature K along a ``straightness_steps``-step Euler solve (see ``reflow.core.solvers``) and the calls the
 adaptive solver needs.
 
 Flows sample with Euler on their own grid (an exported student's scheduler grid); a diffusers DDPM
@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .data import load_source
-from .errors import ReflowError
-from .flow import Conditioned
-from .models import is_flow_pipeline, load_model
-from .noise import row_noise
-from .sampling import is_image, sample
-from .solvers import solve
+from reflow.core.flow import Conditioned
+from reflow.core.noise import row_noise
+from reflow.core.sampling import is_image, sample
+from reflow.core.solvers import solve
+from reflow.errors import ReflowError
+from reflow.folders.data import load_source
+from reflow.models.velocity import is_flow_pipeline, load_model
+from reflow.version import __version__
 
 STRAIGHTNESS_STEPS = 100
 GRID_COLUMNS = 16  # samples per row of a picture grid
@@ -113,7 +113,7 @@ class _Model:
         if not path.exists():
             raise ReflowError(f"no such model: {path} (pass a `reflow train` folder or a diffusers pipeline folder)")
         if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
-            from .teachers import load_teacher
+            from reflow.teachers.base import load_teacher
 
             self.kind = "diffusers"
             self.teacher = load_teacher(
@@ -138,7 +138,7 @@ class _Model:
             self.conditioning = getattr(self.model, "conditioning", None)
             self.label_choices = None
             if self.conditioning == "class":
-                from .teachers import _read_index
+                from reflow.teachers.base import _read_index
 
                 null = _read_index(path).get("_reflow_null_class")
                 self.label_choices = [c for c in range(self.model.num_classes) if c != null]
@@ -229,7 +229,7 @@ def _feature_spaces(shape: tuple[int, ...], settings: EvalSettings, notes: list[
     if shape == (1, 8, 8):
         spaces["digits"] = digits_feature_extractor()
     if settings.inception_weights is not None:
-        from .metrics import inception_features
+        from reflow.eval.metrics import inception_features
 
         weights = settings.inception_weights
         spaces["inception"] = lambda x: inception_features(x, weights)
@@ -242,8 +242,8 @@ def digits_feature_extractor() -> Callable[[torch.Tensor], np.ndarray]:
     """f(images (N, 1, 8, 8) in [-1, 1]) -> (N, 64) features of the bundled digits network, scaled by one
     constant so that the 1797 real digits have unit variance per dimension on average (FD and KID then
     read in units of the real digits' spread rather than of the network's arbitrary activation scale)."""
-    from .data import load_digits_array
-    from .features import bundled_digits_net, extract_features
+    from reflow.eval.features import bundled_digits_net, extract_features
+    from reflow.folders.data import load_digits_array
 
     net = bundled_digits_net()
     real = extract_features(net, load_digits_array())
@@ -259,7 +259,7 @@ def _quality(
     settings: EvalSettings,
     seed: int,
 ) -> dict[str, float]:
-    from .metrics import frechet_distance, kernel_distance, w2
+    from reflow.eval.metrics import frechet_distance, kernel_distance, w2
 
     out: dict[str, float] = {}
     if len(x) * len(ref) <= settings.w2_max_cells:
@@ -295,7 +295,7 @@ class _Heldout:
 
 
 def _fidelity_pairs(settings: EvalSettings, shape: tuple[int, ...]) -> _Heldout:
-    from .pairs import PairsReader
+    from reflow.pairs.generate import PairsReader
 
     reader = PairsReader(settings.heldout, max_rows=settings.num_fidelity)
     if tuple(reader.sample_shape) != shape:
@@ -304,7 +304,7 @@ def _fidelity_pairs(settings: EvalSettings, shape: tuple[int, ...]) -> _Heldout:
             f"the models make {shape}"
         )
     if reader.conditioning == "text" and not reader.has_embeddings:
-        from .text_teacher import PromptEncoder
+        from reflow.models.text import PromptEncoder
 
         teacher = (reader.provenance.get("teacher") or {}).get("teacher", "")
         encoder = PromptEncoder(teacher, allow_pickle=settings.allow_pickle)
@@ -321,7 +321,7 @@ def _guidance(path: Path, settings: EvalSettings, heldout: _Heldout | None) -> d
     held-out pairs were made with (so the teacher row is the teacher the student learned from)."""
     if not (path / "model_index.json").is_file() or is_flow_pipeline(path):
         return {}
-    from .models import is_text_pipeline
+    from reflow.models.velocity import is_text_pipeline
 
     text = is_text_pipeline(path)
     recorded: dict[str, Any] = {}
@@ -366,12 +366,12 @@ def _per_class(
 ) -> dict[str, Any]:
     """Classifier agreement (the bundled digits network, for digits) and W2 to the reference rows of the same
     class (where the reference is labelled), per requested class and overall."""
-    from .metrics import w2
+    from reflow.eval.metrics import w2
 
     out: dict[str, Any] = {}
     predicted = None
     if digits:
-        from .features import bundled_digits_net, classify
+        from reflow.eval.features import bundled_digits_net, classify
 
         predicted = torch.from_numpy(classify(bundled_digits_net(), x))
         out["agreement"] = float((predicted == labels).double().mean())
@@ -400,7 +400,7 @@ def _is_pairs(path: str) -> bool:
         return False
     if (p / "reflow_pairs.json").is_file():
         return True
-    from .pairs import _open_pairs_dataset
+    from reflow.pairs.generate import _open_pairs_dataset
 
     try:  # a folder with z0 and z1 columns made elsewhere
         _open_pairs_dataset(p)

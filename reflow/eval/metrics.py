@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ReflowError
+from reflow.errors import ReflowError
 
 
 def w2(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, max_iter: int = 10_000_000) -> float:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import ReflowError
+from reflow.errors import ReflowError
 
 META = "reflow_checkpoint.json"
 STATE = "training_state.safetensors"

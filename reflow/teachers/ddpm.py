@@ -26,7 +26,6 @@ a call queues its GPU work without waiting for the previous call's.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,9 +33,12 @@ from typing import Any
 
 import torch
 
-from .errors import ReflowError
-from .models import load_unet
-from .teachers import config_hash, weights_hash
+from reflow.errors import ReflowError
+from reflow.folders.files import first_line as _first_line
+from reflow.folders.files import json_clean as _json_clean
+from reflow.folders.files import read_json as _read_json
+from reflow.models.velocity import load_unet
+from reflow.teachers.base import config_hash, weights_hash
 
 DIFFUSERS_SOLVERS = ("ddim", "dpm")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -59,21 +61,6 @@ def _autocast_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     raise ReflowError(f"autocast must be one of bfloat16, float16 (or bf16, fp16), got {value!r}")
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReflowError(f"{file} is not valid JSON ({type(e).__name__}); re-save the checkpoint") from None
-    if not isinstance(data, dict):
-        raise ReflowError(f"{file} is not a JSON object; re-save the checkpoint")
-    return data
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _pickle_weights_hash(folder: Path) -> str:
     """Like ``weights_hash`` but over pickle weight files (only used when a checkpoint has no safetensors)."""
     h = hashlib.sha256()
@@ -82,22 +69,6 @@ def _pickle_weights_hash(folder: Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
-
-
-def _json_clean(value: Any) -> Any:
-    """Strict-JSON values (inf/nan as strings), round-tripped so describe() compares equal to what is read
-    back from run.json when a generation run resumes."""
-
-    def strict(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        if isinstance(v, dict):
-            return {str(k): strict(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [strict(x) for x in v]
-        return v
-
-    return json.loads(json.dumps(strict(value), sort_keys=True, default=str, allow_nan=False))
 
 
 def solver_overrides(solver: str, nfe: int, timestep_spacing: str | None, clip_sample: bool | None) -> dict[str, Any]:

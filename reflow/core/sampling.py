@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .flow import Conditioned, Velocity
-from .solvers import ODESolution, solve
+from reflow.core.flow import Conditioned, Velocity
+from reflow.core.solvers import ODESolution, solve
 
 
 def is_image(sample_shape: tuple[int, ...]) -> bool:

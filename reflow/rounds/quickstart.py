@@ -5,7 +5,7 @@ the bundled teacher (DDIM-20 samples are closer to the digits in W2 than DDIM-50
 digits classifier's features, at two fifths of the cost; the held-out pairs and the teacher's report stay
 DDIM-50), one reflow round initialised from the teacher's UNet, one-step distillation, and one report
 comparing the teacher (DDIM at each NFE), the reflow student and the distilled student. It runs
-through ``reflow.rounds``, so a killed quickstart rerun with the same folder continues where it stopped.
+through ``reflow.rounds.run``, so a killed quickstart rerun with the same folder continues where it stopped.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .rounds import Progress, Recipe, run_rounds
+from reflow.errors import ReflowError
+from reflow.folders.files import BUNDLED
+from reflow.rounds.run import Progress, Recipe, run_rounds
 
-BUNDLED_TEACHER = Path(__file__).resolve().parent.parent / "data" / "teachers" / "digits-ddpm"
+BUNDLED_TEACHER = BUNDLED / "teachers" / "digits-ddpm"
 QUICKSTART_NFES = [1, 2, 4]
 QUICKSTART_PAIRS_NFE = 20
 
@@ -78,8 +80,6 @@ def run_quickstart(
 ) -> dict[str, Any]:
     """Run (or resume) the quickstart in ``out``; returns the metrics of its table (``out/report``)."""
     if not BUNDLED_TEACHER.is_dir():
-        from .errors import ReflowError
-
         raise ReflowError(f"the bundled teacher is missing ({BUNDLED_TEACHER}); reinstall reflow from its repository")
     recipe = quickstart_recipe(steps=steps, num_pairs=num_pairs, num_eval=num_eval)
     return run_rounds(recipe, out, device=device, progress=progress)

@@ -20,7 +20,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-from .errors import ReflowError
+from reflow.errors import ReflowError
 
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "none"}
 _PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}

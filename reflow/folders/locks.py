@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ReflowError
-from .io import writer_alive
+from reflow.errors import ReflowError
+from reflow.folders.io import writer_alive
 
 EMPTY_GRACE_S = 30.0
 """A lock file still empty after this long was left by an owner killed between creating and writing it."""
@@ -29,7 +29,7 @@ _held: set[str] = set()  # tokens of the locks this process holds
 def _host() -> str:
     import socket
 
-    return socket.gethostname().replace("-", "_")  # the form reflow.io.writer_alive compares
+    return socket.gethostname().replace("-", "_")  # the form reflow.folders.io.writer_alive compares
 
 
 def _process_start(pid: int) -> float | None:

@@ -1,7 +1,7 @@
 """A small CNN on scikit-learn's 8x8 digits: the feature space of reflow's digits Fréchet distance / KID.
 
 Images are float (N, 1, 8, 8) in model space [-1, 1] (pixel = value / 8 - 1 from sklearn's 0..16 scale,
-as returned by :func:`reflow.data.load_digits_array`). :meth:`DigitsNet.features` gives the 64-d
+as returned by :func:`reflow.folders.data.load_digits_array`). :meth:`DigitsNet.features` gives the 64-d
 penultimate activations used for Fréchet distance / KID on generated digits; :meth:`DigitsNet.forward`
 gives the 10 class logits used for classifier agreement on class-conditional samples.
 :func:`extract_features` and :func:`classify` evaluate it in float64, so their results do not depend on
@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from reflow.errors import ReflowError
-from reflow.io import atomic_dir
+from reflow.folders.files import BUNDLED
+from reflow.folders.io import atomic_dir
 
-BUNDLED_DIGITS_FEATURES = Path(__file__).resolve().parent.parent / "data" / "features" / "digits-cnn"
+BUNDLED_DIGITS_FEATURES = BUNDLED / "features" / "digits-cnn"
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -129,7 +130,7 @@ def load_feature_net(folder: str | os.PathLike) -> DigitsNet:
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ReflowError(f"{config_path} is not a DigitsNet config ({type(e).__name__}: {e}); {_TRAIN_HINT}") from None
-    from .models import check_weights
+    from reflow.models.velocity import check_weights
 
     check_weights(folder)  # a folder with reflow_weights.json: its bytes are the ones written
     try:

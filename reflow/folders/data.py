@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ReflowError
+from reflow.errors import ReflowError
 
 TOYS = ("checkerboard", "moons", "8gaussians")
 BUILTINS = (*TOYS, "digits")
