@@ -392,15 +392,15 @@ def generate_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
 ) -> None:
     """Run a teacher on seeded noise and store the coupled pairs (sharded; rerun the same command to resume)."""
+    from reflow.folders.kinds import is_diffusers_checkpoint
     from reflow.folders.prompts import read_prompts
-    from reflow.models.velocity import is_flow_pipeline
     from reflow.pairs.generate import check_generate_args, generate_pairs
     from reflow.teachers.base import load_teacher
 
     check_generate_args(num_pairs=num_pairs, batch_size=batch_size, shard_size=shard_size, dtype=dtype, seed=seed)
     if nfe is not None and nfe < 1:
         raise ReflowError(f"--nfe must be at least 1, got {nfe}")
-    is_diffusers = (teacher / "model_index.json").is_file() and not is_flow_pipeline(teacher)
+    is_diffusers = is_diffusers_checkpoint(teacher)
     solver = solver or ("ddim" if is_diffusers else "euler")
     nfe = nfe if nfe is not None else (50 if is_diffusers else 100)
     settings = (

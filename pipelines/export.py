@@ -44,10 +44,10 @@ def save_student(
       with ``pipe(prompt, num_inference_steps=k, guidance_scale=1.0)`` (guidance is baked into the pairs);
     - anything else (an MLP): a ``save_pretrained`` folder.
 
-    Every one gets ``reflow_weights.json`` (``reflow.models.velocity.WEIGHTS_RECORD``): the size and sha256 of each
+    Every one gets ``reflow_weights.json`` (``reflow.folders.weights.WEIGHTS_RECORD``): the size and sha256 of each
     weights file, which reflow checks on every load, so weights whose bytes changed never load silently.
     """
-    from reflow.models.velocity import record_weights
+    from reflow.folders.weights import record_weights
 
     folder = Path(folder)
     _save_folder(model, folder, components=components, null_label=null_label)

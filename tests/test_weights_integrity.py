@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from reflow.errors import ReflowError
 from reflow.eval.features import DigitsNet, load_feature_net, save_feature_net
-from reflow.models.velocity import WEIGHTS_RECORD, UNetFlow, init_model, load_model, record_weights
+from reflow.folders.weights import WEIGHTS_RECORD, record_weights
+from reflow.models.velocity import UNetFlow, init_model, load_model
 from reflow.teachers.base import load_teacher
 
 runner = CliRunner()

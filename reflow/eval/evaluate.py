@@ -39,7 +39,8 @@ from reflow.core.sampling import is_image, sample
 from reflow.core.solvers import solve
 from reflow.errors import ReflowError
 from reflow.folders.data import load_source
-from reflow.models.velocity import is_flow_pipeline, load_model
+from reflow.folders.kinds import is_diffusers_checkpoint, is_flow_pipeline, is_text_pipeline, read_index
+from reflow.models.velocity import load_model
 from reflow.version import __version__
 
 STRAIGHTNESS_STEPS = 100
@@ -112,7 +113,7 @@ class _Model:
         self.device = device
         if not path.exists():
             raise ReflowError(f"no such model: {path} (pass a `reflow train` folder or a diffusers pipeline folder)")
-        if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
+        if is_diffusers_checkpoint(path):
             from reflow.teachers.base import load_teacher
 
             self.kind = "diffusers"
@@ -138,9 +139,7 @@ class _Model:
             self.conditioning = getattr(self.model, "conditioning", None)
             self.label_choices = None
             if self.conditioning == "class":
-                from reflow.teachers.base import _read_index
-
-                null = _read_index(path).get("_reflow_null_class")
+                null = read_index(path).get("_reflow_null_class")
                 self.label_choices = [c for c in range(self.model.num_classes) if c != null]
             self.sample_shape = tuple(self.model.sample_shape)
             grid = "its scheduler's grid" if hasattr(self.model, "euler_grid") else "uniform grid"
@@ -321,8 +320,6 @@ def _guidance(path: Path, settings: EvalSettings, heldout: _Heldout | None) -> d
     held-out pairs were made with (so the teacher row is the teacher the student learned from)."""
     if not (path / "model_index.json").is_file() or is_flow_pipeline(path):
         return {}
-    from reflow.models.velocity import is_text_pipeline
-
     text = is_text_pipeline(path)
     recorded: dict[str, Any] = {}
     if heldout is not None:

@@ -130,7 +130,7 @@ def load_feature_net(folder: str | os.PathLike) -> DigitsNet:
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ReflowError(f"{config_path} is not a DigitsNet config ({type(e).__name__}: {e}); {_TRAIN_HINT}") from None
-    from reflow.models.velocity import check_weights
+    from reflow.folders.weights import check_weights
 
     check_weights(folder)  # a folder with reflow_weights.json: its bytes are the ones written
     try:

@@ -14,11 +14,11 @@ import torch
 from reflow.errors import ReflowError
 from reflow.folders.files import first_line as _first_line
 from reflow.folders.files import read_json as _read_json
+from reflow.folders.weights import use_safetensors
 
 TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 VAE_CLASSES = ("AutoencoderKL",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError)
 _LAYOUT = "a Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
 
@@ -63,18 +63,6 @@ def _component_class(path: Path, name: str, config_key: str | None = None) -> st
     return None
 
 
-def _use_safetensors(folder: Path, allow_pickle: bool) -> bool:
-    """True to load ``folder``'s safetensors weights; False for pickle weights (only with ``allow_pickle``)."""
-    files = [f for f in folder.iterdir() if f.is_file()]
-    if any(f.name.endswith(".safetensors") for f in files):
-        return True
-    if not any(f.name.endswith(PICKLE_SUFFIXES) for f in files):
-        raise ReflowError(f"{folder} holds no weights (.safetensors); re-save the checkpoint with save_pretrained")
-    if not allow_pickle:
-        raise ReflowError(f"{folder} has only pickle (.bin) weights; pass --allow-pickle to load weights you trust")
-    return False
-
-
 def _transformers():
     try:
         import transformers
@@ -99,10 +87,10 @@ def load_text_encoder(path: str | Path, *, allow_pickle: bool = False) -> tuple[
     tokenizer_class = _component_class(path, "tokenizer") or "CLIPTokenizer"
     if tokenizer_class not in TOKENIZER_CLASSES:
         raise ReflowError(f"{tokenizer_dir} holds a {tokenizer_class}; only CLIPTokenizer tokenizers are supported")
-    use_safetensors = _use_safetensors(encoder_dir, allow_pickle)
+    safe = use_safetensors(encoder_dir, allow_pickle)
     try:
         text_encoder = transformers.CLIPTextModel.from_pretrained(
-            str(encoder_dir), use_safetensors=use_safetensors, local_files_only=True
+            str(encoder_dir), use_safetensors=safe, local_files_only=True
         )
     except _LOAD_ERRORS as e:
         raise ReflowError(f"could not load the text encoder from {encoder_dir}: {_first_line(e)}") from None
@@ -133,9 +121,9 @@ def load_vae(path: str | Path, *, allow_pickle: bool = False) -> Any:
     vae_class = _read_json(vae_dir / "config.json").get("_class_name")
     if vae_class not in VAE_CLASSES:
         raise ReflowError(f"{vae_dir} holds a {vae_class}; only AutoencoderKL VAEs are supported")
-    use_safetensors = _use_safetensors(vae_dir, allow_pickle)
+    safe = use_safetensors(vae_dir, allow_pickle)
     try:
-        vae = AutoencoderKL.from_pretrained(str(vae_dir), use_safetensors=use_safetensors, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(vae_dir), use_safetensors=safe, local_files_only=True)
     except _LOAD_ERRORS as e:
         raise ReflowError(f"could not load the VAE from {vae_dir}: {_first_line(e)}") from None
     vae.eval().requires_grad_(False)

@@ -7,7 +7,6 @@ shape (B,) and returns a tensor shaped like x. Every model is a diffusers ``Mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -19,6 +18,9 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from reflow.errors import ReflowError
+from reflow.folders.files import read_json
+from reflow.folders.kinds import is_diffusers_checkpoint, is_flow_pipeline
+from reflow.folders.weights import check_weights, use_safetensors
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -267,81 +269,17 @@ def check_conditioning(
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
-WEIGHTS_RECORD = "reflow_weights.json"
-"""Written at a model folder's root when reflow saves it: ``{relative path: {"size": bytes, "sha256": hex}}``
-for every weights file under the folder. Loading checks the files against it (:func:`check_weights`)."""
-WEIGHTS_SUFFIXES = (".safetensors", ".bin")
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):  # 1 MiB at a time: memory stays flat for multi-GB weights
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def record_weights(folder: str | Path) -> dict[str, dict[str, Any]]:
-    """Write ``folder/reflow_weights.json``: the size and sha256 of every weights file under ``folder``."""
-    from reflow.folders.io import atomic_write_json
-
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHTS_SUFFIXES)
-    record = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    atomic_write_json(folder / WEIGHTS_RECORD, record)
-    return record
-
-
-def check_weights(weights_dir: str | Path) -> None:
-    """Refuse weights whose bytes changed after reflow wrote them (bit rot, a truncated copy, an edit).
-
-    The record is ``weights_dir/reflow_weights.json`` or, for a pipeline's component folder such as ``unet/``,
-    the one in its parent; only the files it lists inside ``weights_dir`` are checked. A folder without a
-    record (a diffusers checkpoint from elsewhere, a model of an older reflow) passes unchecked. Cost: every
-    load reads each weights file once more for its sha256 (about 1 GB/s on one core: milliseconds for the
-    digits and toy models, a few seconds for a Stable Diffusion UNet); sizes are compared first, for free.
-    """
-    weights_dir = Path(weights_dir)
-    root = next((d for d in (weights_dir, weights_dir.parent) if (d / WEIGHTS_RECORD).is_file()), None)
-    if root is None:
-        return
-    record_file = root / WEIGHTS_RECORD
-    try:
-        record = json.loads(record_file.read_text())
-        inside = "" if root == weights_dir else weights_dir.name + "/"
-        listed = {
-            root / name: (int(e["size"]), str(e["sha256"])) for name, e in record.items() if name.startswith(inside)
-        }
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
-        raise ReflowError(f"{record_file} is not a valid weights record; re-export or re-train the model") from None
-    for file, (size, _) in listed.items():
-        if not file.is_file():
-            raise ReflowError(f"{file} is missing ({record_file.name} lists it); re-export or re-train the model")
-        if file.stat().st_size != size:
-            raise ReflowError(
-                f"{file} changed after it was written ({file.stat().st_size} bytes, {size} recorded); "
-                "re-export or re-train the model"
-            )
-    for file, (_, sha256) in listed.items():
-        if _sha256(file) != sha256:
-            raise ReflowError(f"{file} changed after it was written (sha256 mismatch); re-export or re-train the model")
-
 
 def load_unet(unet_dir: Path, *, allow_pickle: bool = False) -> ModelMixin:
     """A ``UNet2DModel`` or ``UNet2DConditionModel`` from a folder: safetensors unless ``allow_pickle``;
     never custom code."""
     import diffusers
 
-    config = _read_config(unet_dir / "config.json")
+    config = read_json(unet_dir / "config.json")
     class_name = config.get("_class_name")
     if class_name not in UNET_CLASSES:
         raise ReflowError(f"{unet_dir} holds a {class_name}; only {' and '.join(UNET_CLASSES)} are supported")
-    has_safetensors = any(unet_dir.glob("*.safetensors"))
-    has_pickle = any(unet_dir.glob("*.bin"))
-    if not has_safetensors and not has_pickle:
-        raise ReflowError(f"{unet_dir} holds no weights (.safetensors); re-save the checkpoint with save_pretrained")
-    if not has_safetensors and not allow_pickle:
-        raise ReflowError(f"{unet_dir} has only pickle (.bin) weights; pass --allow-pickle to load weights you trust")
+    has_safetensors = use_safetensors(unet_dir, allow_pickle)
     check_weights(unet_dir)
     try:
         return getattr(diffusers, class_name).from_pretrained(
@@ -360,41 +298,9 @@ def _why(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _read_config(file: Path) -> dict[str, Any]:
-    if not file.is_file():
-        raise ReflowError(f"{file.parent} has no {file.name}; pass a folder written by save_pretrained")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReflowError(f"{file} is not valid JSON ({type(e).__name__}); re-save the model") from None
-    if not isinstance(data, dict):
-        raise ReflowError(f"{file} is not a JSON object; re-save the model")
-    return data
-
-
-def is_text_pipeline(path: str | Path) -> bool:
-    """Whether a diffusers pipeline folder is text-to-image (its UNet is a UNet2DConditionModel)."""
-    file = Path(path) / "unet" / "config.json"
-    if not (Path(path) / "model_index.json").is_file() or not file.is_file():
-        return False
-    return _read_config(file).get("_class_name") == "UNet2DConditionModel"
-
-
-def is_flow_pipeline(path: str | Path) -> bool:
-    """Whether a diffusers pipeline folder holds a flow (a flow-matching scheduler), not a DDPM."""
-    path = Path(path)
-    file = path / "scheduler" / "scheduler_config.json"
-    if not (path / "model_index.json").is_file() or not file.is_file():
-        return False
-    config = _read_config(file)
-    return str(config.get("_class_name", "")).startswith("FlowMatch") or config.get("prediction_type") == (
-        "flow_prediction"
-    )
-
-
 def load_pipeline_flow(path: Path, *, allow_pickle: bool = False) -> UNetFlow:
     """The velocity model of a flow pipeline folder (one written by ``reflow.pipelines.export``)."""
-    scheduler = _read_config(path / "scheduler" / "scheduler_config.json")
+    scheduler = read_json(path / "scheduler" / "scheduler_config.json")
     return UNetFlow(load_unet(path / "unet", allow_pickle=allow_pickle), scheduler.get("num_train_timesteps", 1000))
 
 
@@ -402,11 +308,11 @@ def init_model(path: str | Path, *, allow_pickle: bool = False) -> nn.Module:
     """The starting point of a student: one of our models, or a diffusers DDPM checkpoint whose UNet
     initialises a UNetFlow of the same architecture (time mapped as in ``UNetFlow``)."""
     path = Path(path)
-    if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
+    if is_diffusers_checkpoint(path):
         if not (path / "unet" / "config.json").is_file():
             raise ReflowError(f"{path} has no unet/config.json; --init takes a UNet2DModel pipeline or a reflow model")
         scheduler_file = path / "scheduler" / "scheduler_config.json"
-        steps = _read_config(scheduler_file).get("num_train_timesteps", 1000) if scheduler_file.is_file() else 1000
+        steps = read_json(scheduler_file).get("num_train_timesteps", 1000) if scheduler_file.is_file() else 1000
         unet = load_unet(path / "unet", allow_pickle=allow_pickle)
         if unet.config.out_channels != unet.config.in_channels:
             raise ReflowError(
@@ -440,9 +346,7 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> nn.Module:
     if cls is None:
         known = ", ".join(MODEL_CLASSES)
         raise ReflowError(f"{path}: model class {class_name!r} is not a reflow velocity model (known: {known})")
-    has_safetensors = any(path.glob("*.safetensors"))
-    if not has_safetensors and not allow_pickle:
-        raise ReflowError(f"{path} has no .safetensors weights; pass --allow-pickle to load pickle weights you trust")
+    has_safetensors = use_safetensors(path, allow_pickle)
     check_weights(path)
     try:
         return cls.from_pretrained(path, use_safetensors=has_safetensors, low_cpu_mem_usage=False)

@@ -33,6 +33,7 @@ import torch
 
 from reflow.core.noise import check_seed, row_labels, row_noise
 from reflow.errors import ReflowError
+from reflow.folders.files import sha256_file
 from reflow.folders.io import atomic_dir, atomic_write_json, atomic_write_text, claim_output, clean_debris
 from reflow.folders.locks import Lock, acquire
 from reflow.folders.runtime import partial_state, quiet_datasets
@@ -462,18 +463,10 @@ def generate_pairs(
             lock.release()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and sha256 of each file of a saved dataset, for the integrity checks of ``_check_files``."""
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.name not in (RECORD, "README.md"))
-    return {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
 
 
 def _join_shards(work: Path, out: Path, num_pairs: int, shard_size: int, provenance: dict[str, Any]) -> None:
@@ -573,7 +566,7 @@ def _check_files(path: Path, record: dict[str, Any], full: bool) -> None:
         got = f.stat().st_size
         if got != size:
             raise _damaged(path, f"file {name} has {got} bytes, expected {size}")
-        if full and _sha256(f) != digest:
+        if full and sha256_file(f) != digest:
             raise _damaged(path, f"file {name} does not match its recorded sha256")
 
 

@@ -47,6 +47,7 @@ from reflow.errors import ReflowError
 from reflow.eval.evaluate import EvalSettings, Evaluation, evaluate
 from reflow.eval.report import write_report
 from reflow.folders.io import atomic_write_json, claim_output, mark_output
+from reflow.folders.kinds import is_diffusers_checkpoint
 from reflow.folders.settings import check_types, check_values
 from reflow.student.loop import TrainConfig, latest_checkpoint, read_toml, train
 from reflow.version import __version__
@@ -409,7 +410,7 @@ def run_rounds(
     if teacher_path is not None:
         solver, nfe = str(start.get("solver", "ddim")), int(start.get("nfe", 50))
         heldout = heldout_of(teacher_path, solver, nfe)
-        if _is_diffusers_checkpoint(Path(teacher_path)):
+        if is_diffusers_checkpoint(teacher_path):
             teacher_report = run / "teacher" / "report"
             stage(
                 "teacher/report",
@@ -522,12 +523,6 @@ def run_rounds(
         manifest.save()
     state.wait_for_everyone()
     return json.loads((table / "metrics.json").read_text())
-
-
-def _is_diffusers_checkpoint(path: Path) -> bool:
-    from reflow.models.velocity import is_flow_pipeline
-
-    return (path / "model_index.json").is_file() and not is_flow_pipeline(path)
 
 
 def combine_reports(

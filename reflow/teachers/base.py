@@ -6,7 +6,6 @@ Every teacher has ``sample_shape``, ``describe()`` (its provenance, recorded wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +15,8 @@ import torch
 from reflow.core.flow import Conditioned
 from reflow.core.solvers import SOLVERS, solve
 from reflow.errors import ReflowError
+from reflow.folders.files import config_hash, weights_hash
+from reflow.folders.kinds import is_diffusers_checkpoint, is_flow_pipeline, is_text_pipeline, read_index
 from reflow.models.velocity import load_model
 
 
@@ -26,25 +27,6 @@ class Teacher(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def __call__(self, z0: torch.Tensor) -> torch.Tensor: ...
-
-
-def config_hash(folder: Path) -> str:
-    """sha256 over every config JSON of a model folder (not the weights), to tell teachers apart."""
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*.json")):
-        h.update(str(f.relative_to(folder)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def weights_hash(folder: Path) -> str:
-    """sha256 over the safetensors weight files of a model folder."""
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*.safetensors")):
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 class FlowTeacher:
@@ -79,7 +61,7 @@ class FlowTeacher:
         self.num_classes = getattr(self.model, "num_classes", None)
         self.label_choices = None
         if self.num_classes is not None:
-            null = _read_index(self.path).get("_reflow_null_class")
+            null = read_index(self.path).get("_reflow_null_class")
             self.label_choices = [c for c in range(self.num_classes) if c != null]
         self._encoder = None
         if self.conditioning == "text":
@@ -133,14 +115,6 @@ class FlowTeacher:
         return solve(velocity, z0.to(self.device), self.nfe, self.solver).z1
 
 
-def _read_index(path: Path) -> dict[str, Any]:
-    file = path / "model_index.json"
-    try:
-        return json.loads(file.read_text()) if file.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def load_teacher(
     path: str | Path,
     *,
@@ -158,11 +132,8 @@ def load_teacher(
         raise ReflowError(
             f"no such teacher: {path} (pass a model folder written by `reflow train` or a diffusers pipeline folder)"
         )
-    from reflow.models.velocity import is_flow_pipeline
 
-    if (path / "model_index.json").is_file() and not is_flow_pipeline(path):
-        from reflow.models.velocity import is_text_pipeline
-
+    if is_diffusers_checkpoint(path):
         if is_text_pipeline(path):
             from reflow.teachers.text import TextToImageTeacher
 

@@ -25,7 +25,6 @@ a call queues its GPU work without waiting for the previous call's.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,11 +33,11 @@ from typing import Any
 import torch
 
 from reflow.errors import ReflowError
+from reflow.folders.files import config_hash, weights_hash
 from reflow.folders.files import first_line as _first_line
 from reflow.folders.files import json_clean as _json_clean
 from reflow.folders.files import read_json as _read_json
 from reflow.models.velocity import load_unet
-from reflow.teachers.base import config_hash, weights_hash
 
 DIFFUSERS_SOLVERS = ("ddim", "dpm")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -59,16 +58,6 @@ def _autocast_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     if isinstance(value, str) and value.lower() in AUTOCAST_DTYPES:
         return AUTOCAST_DTYPES[value.lower()]
     raise ReflowError(f"autocast must be one of bfloat16, float16 (or bf16, fp16), got {value!r}")
-
-
-def _pickle_weights_hash(folder: Path) -> str:
-    """Like ``weights_hash`` but over pickle weight files (only used when a checkpoint has no safetensors)."""
-    h = hashlib.sha256()
-    for f in sorted([*folder.rglob("*.bin"), *folder.rglob("*.pt"), *folder.rglob("*.pth")]):
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def solver_overrides(solver: str, nfe: int, timestep_spacing: str | None, clip_sample: bool | None) -> dict[str, Any]:
@@ -278,10 +267,7 @@ class DiffusersTeacher:
 
     def describe(self) -> dict[str, Any]:
         if self._hashes is None:
-            unet_dir = self.path / "unet"
-            has_safetensors = any(unet_dir.rglob("*.safetensors"))
-            weights = weights_hash(unet_dir) if has_safetensors else _pickle_weights_hash(unet_dir)
-            self._hashes = (config_hash(self.path), weights)
+            self._hashes = (config_hash(self.path), weights_hash(self.path, ("unet",)))
         solver_config = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
         return _json_clean(
             {

@@ -24,7 +24,6 @@ code is run (components are loaded by their known classes, never through ``Diffu
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,11 @@ from typing import Any
 import torch
 
 from reflow.errors import ReflowError
+from reflow.folders.files import PICKLE_SUFFIXES, config_hash, tree_hash
 from reflow.folders.files import json_clean as _json_clean
 from reflow.folders.files import read_json as _read_json
 from reflow.models.text import (
     _LAYOUT,
-    PICKLE_SUFFIXES,
     PromptEncoder,
     _check_folder,
     _decode,
@@ -44,7 +43,6 @@ from reflow.models.text import (
     vae_scale_factor,
 )
 from reflow.models.velocity import load_unet
-from reflow.teachers.base import config_hash
 from reflow.teachers.ddpm import (
     _autocast_dtype,
     build_solver,
@@ -53,21 +51,15 @@ from reflow.teachers.ddpm import (
 
 
 def _weights_hash(path: Path) -> str:
-    """sha256 over what decides a teacher's z1 besides its configs: the UNet and text encoder weights
+    """Fingerprint of what decides a text teacher's z1 besides its configs: the UNet and text encoder weights
     (safetensors, or pickle files where a component has none) and the tokenizer's non-JSON files."""
-    h = hashlib.sha256()
     files: list[Path] = []
     for name in ("unet", "text_encoder"):
         folder = path / name
         weights = sorted(folder.rglob("*.safetensors"))
         files += weights or sorted(f for f in folder.rglob("*") if f.is_file() and f.name.endswith(PICKLE_SUFFIXES))
     files += sorted(f for f in (path / "tokenizer").rglob("*") if f.is_file() and f.suffix != ".json")
-    for f in files:
-        h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    return tree_hash(path, files)
 
 
 class TextToImageTeacher:
