@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 
@@ -61,7 +62,9 @@ def regression_loss(
     raise ValueError(f"unknown loss {kind!r} (choose l2 or pseudo_huber)")
 
 
-LOSSES = ("l2", "pseudo_huber")
+Loss = Literal["l2", "pseudo_huber"]
+"""Regression losses of flow matching and distillation."""
+LOSSES: tuple[str, ...] = get_args(Loss)
 
 
 def flow_matching_loss(

@@ -21,14 +21,18 @@ The adaptive solver (torchdiffeq's dopri5) is for reference runs; it counts its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from reflow.core.flow import Velocity, per_sample_sq_norm
 
-FIXED_SOLVERS = ("euler", "heun")
-SOLVERS = (*FIXED_SOLVERS, "adaptive")
-TIME_GRIDS = ("uniform", "quadratic")
+Solver = Literal["euler", "heun", "adaptive"]
+"""ODE solvers of our flows: fixed-step Euler or Heun, or adaptive dopri5 (torchdiffeq)."""
+TimeGrid = Literal["uniform", "quadratic"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
+FIXED_SOLVERS = SOLVERS[:2]
+TIME_GRIDS: tuple[str, ...] = get_args(TimeGrid)
 
 
 @dataclass

@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
-TIME_SAMPLERS = ("uniform", "logit_normal", "u_shaped")
+TimeSampler = Literal["uniform", "logit_normal", "u_shaped"]
+"""Training-time distributions p(t) on [0, 1]."""
+TIME_SAMPLERS: tuple[str, ...] = get_args(TimeSampler)
 
 
 def sample_time(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -39,7 +39,9 @@ from reflow.folders.files import json_clean as _json_clean
 from reflow.folders.files import read_json as _read_json
 from reflow.models.velocity import load_unet
 
-DIFFUSERS_SOLVERS = ("ddim", "dpm")
+DiffusersSolver = Literal["ddim", "dpm"]
+"""Deterministic ODE solvers of a DDPM-family checkpoint: DDIM with eta = 0, DPM-Solver++."""
+DIFFUSERS_SOLVERS: tuple[str, ...] = get_args(DiffusersSolver)
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 AUTOCAST_DTYPES = {
     "bfloat16": torch.bfloat16,
