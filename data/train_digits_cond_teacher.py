@@ -275,7 +275,7 @@ def model_card(
         "from reflow.teachers.ddpm import DiffusersTeacher",
         "",
         f'teacher = DiffusersTeacher("{path}", nfe=50, solver="ddim")',
-        "z1 = teacher(torch.randn(16, 1, 8, 8), labels=y)",
+        "z1 = teacher(torch.randn(16, 1, 8, 8), y)",
         "```",
         "",
         "## Training",

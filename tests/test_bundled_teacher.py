@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from helpers import assert_f32_close
 
 from reflow.core.noise import row_noise
-from reflow.teachers.base import load_teacher
+from reflow.teachers import load_teacher
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "teachers" / "digits-ddpm"
 

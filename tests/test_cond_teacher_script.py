@@ -85,7 +85,7 @@ def test_guided_loop_matches_the_teacher_at_w1_and_the_null_label_at_w0(script, 
     for w, labels in ((1.0, y), (0.0, torch.full_like(y, 10))):
         got = script.guided_ddim(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), z0, y, w, 3)
         # the script's guided loop against our unguided teacher (other batches, other code): float32 noise
-        assert_f32_close(got, teacher(z0, labels=labels), steps=3)
+        assert_f32_close(got, teacher(z0, labels), steps=3)
 
 
 def test_bundled_cond_teacher_is_there():

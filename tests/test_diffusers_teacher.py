@@ -18,7 +18,7 @@ from diffusers import (
 from helpers import assert_f32_close, threads_for_tests
 
 from reflow.errors import ReflowError
-from reflow.teachers.base import load_teacher
+from reflow.teachers import load_teacher
 from reflow.teachers.ddpm import DiffusersTeacher
 
 NFE = 6
@@ -250,7 +250,7 @@ def test_tuple_sample_size_and_learned_variance(tmp_path):
 
 def test_generate_pairs_with_a_diffusers_teacher(tmp_path):
     from reflow.core.noise import row_noise
-    from reflow.pairs.generate import generate_pairs, load_pairs
+    from reflow.pairs import generate_pairs, load_pairs
 
     unet = tiny_unet()
     folder = save(tmp_path, "gen", unet, DDPMScheduler())

@@ -22,7 +22,7 @@ from tiny_sd import TINY_SD_EMBED_SHAPE, TINY_SD_VAE_SCALE, make_tiny_sd
 
 from reflow.errors import ReflowError
 from reflow.models.text import PromptEncoder, decode_latents, is_text_to_image_folder
-from reflow.teachers.base import load_teacher
+from reflow.teachers import load_teacher
 from reflow.teachers.text import TextToImageTeacher
 
 PROMPTS = ["a red cat", "the blue dog on a mat, 42!", ""]
