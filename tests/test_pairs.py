@@ -15,8 +15,8 @@ from helpers import free_port
 from reflow.core.noise import row_noise
 from reflow.errors import ReflowError
 from reflow.models.velocity import load_model
-from reflow.pairs.generate import generate_pairs, load_pairs
-from reflow.teachers.base import FlowTeacher
+from reflow.pairs import generate_pairs, load_pairs
+from reflow.teachers import FlowTeacher
 
 
 def plain_euler(model, z0, steps):
@@ -76,8 +76,8 @@ def test_rerun_with_other_settings_is_refused(tiny_flow, tmp_path):
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from reflow.pairs.generate import generate_pairs
-    from reflow.teachers.base import FlowTeacher
+    from reflow.pairs import generate_pairs
+    from reflow.teachers import FlowTeacher
     model, out, kill_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
     def progress(done, total):
         if done >= kill_after:
@@ -161,8 +161,8 @@ def test_class_conditional_pairs_labels_and_verify(tmp_path):
     from diffusers import DDPMScheduler
     from test_diffusers_teacher import ddim_reference, save, tiny_unet
 
-    from reflow.pairs.generate import verify_pairs
-    from reflow.teachers.base import load_teacher
+    from reflow.pairs import verify_pairs
+    from reflow.teachers import load_teacher
 
     unet = tiny_unet(num_class_embeds=10)
     folder = save(tmp_path, "cond", unet, DDPMScheduler(clip_sample=True))
@@ -184,7 +184,7 @@ def test_class_conditional_pairs_labels_and_verify(tmp_path):
 
 
 def test_verify_detects_tampering_and_changed_teacher(tiny_flow, tmp_path):
-    from reflow.pairs.generate import verify_pairs
+    from reflow.pairs import verify_pairs
 
     out = generate_pairs(FlowTeacher(tiny_flow, nfe=3), tmp_path / "p", 30, seed=1, batch_size=8)
     assert verify_pairs(out, rows=30)["max_abs_diff_z1"] < 1e-5

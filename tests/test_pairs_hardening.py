@@ -14,13 +14,13 @@ import time
 import datasets
 import numpy as np
 import pytest
-from reflow.cli.app import app
 from typer.testing import CliRunner
 
+from reflow.cli.app import app
 from reflow.errors import ReflowError
 from reflow.folders.locks import acquire
-from reflow.pairs.generate import PairsReader, generate_pairs, load_pairs, verify_pairs
-from reflow.teachers.base import FlowTeacher
+from reflow.pairs import PairsReader, generate_pairs, load_pairs, verify_pairs
+from reflow.teachers import FlowTeacher
 
 runner = CliRunner()
 HOST = socket.gethostname().replace("-", "_")
@@ -74,8 +74,8 @@ def debris(folder):
 SLOW = textwrap.dedent(
     """
     import pathlib, sys, time
-    from reflow.pairs.generate import generate_pairs
-    from reflow.teachers.base import FlowTeacher
+    from reflow.pairs import generate_pairs
+    from reflow.teachers import FlowTeacher
     model, out, flag = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
     def progress(done, total):
         flag.touch()
@@ -159,14 +159,14 @@ def test_lock_is_released_when_a_run_fails(tiny_flow, tmp_path):
 KILL_AT = textwrap.dedent(
     """
     import os, shutil, signal, sys
-    import reflow.pairs.generate
-    from reflow.pairs.generate import generate_pairs
-    from reflow.teachers.base import FlowTeacher
+    import reflow.pairs.writer
+    from reflow.pairs import generate_pairs
+    from reflow.teachers import FlowTeacher
     model, out, where = sys.argv[1], sys.argv[2], sys.argv[3]
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     if where == "join":  # inside the final join, after the data files are written
-        reflow.pairs.generate.atomic_write_text = die
+        reflow.pairs.writer.atomic_write_text = die
     else:  # after the final rename, before PAIRS.partial is removed
         rmtree = shutil.rmtree
         shutil.rmtree = lambda p, *a, **k: die() if str(p).endswith(".partial") else rmtree(p, *a, **k)

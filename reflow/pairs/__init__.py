@@ -1,5 +1,23 @@
-"""Pairs on disk: generate (sharded, resumable), read, verify."""
+"""Pairs on disk: generate (sharded, resumable), read, verify.
 
-from reflow.pairs.generate import PairsReader, generate_pairs, verify_pairs
+Modules, each using only those listed before it: ``schema`` (columns, features, the provenance record and
+its integrity fields), ``plan`` (the shard plan), ``card`` (the dataset card), ``writer`` (shards, the
+final join, the Hub), ``reader`` (opening with its checks, ``load_pairs``, ``PairsReader``), ``resume`` (the
+lock, run.json, resuming), ``pipeline`` (the batch pipeline around the teacher), ``generate``
+(``generate_pairs``), ``verify`` (``verify_pairs``).
+"""
 
-__all__ = ["PairsReader", "generate_pairs", "verify_pairs"]
+from reflow.pairs.generate import check_generate_args, generate_pairs
+from reflow.pairs.reader import Pairs, PairsReader, load_pairs
+from reflow.pairs.schema import read_provenance
+from reflow.pairs.verify import verify_pairs
+
+__all__ = [
+    "Pairs",
+    "PairsReader",
+    "check_generate_args",
+    "generate_pairs",
+    "load_pairs",
+    "read_provenance",
+    "verify_pairs",
+]

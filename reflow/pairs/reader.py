@@ -1,0 +1,270 @@
+"""Reading pairs: open a pairs folder with its integrity checks (``open_pairs_dataset``), read it whole
+(``load_pairs``) or stream random batches from it without loading it into memory (``PairsReader``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reflow.errors import ReflowError
+from reflow.folders.kinds import folder_kind
+from reflow.pairs.schema import check_files, damaged, read_provenance
+
+
+@dataclass
+class Pairs:
+    """A pairs dataset opened for training: z0/z1 tensors (float32, CPU) and the provenance."""
+
+    z0: torch.Tensor
+    z1: torch.Tensor
+    index: torch.Tensor
+    provenance: dict[str, Any]
+    label: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    prompt: list[str] | None = None
+
+    @property
+    def cond(self) -> dict[str, torch.Tensor]:
+        """The rows' conditioning as the model's keywords (see ``PairsReader.batch``)."""
+        if self.label is not None:
+            return {"class_labels": self.label}
+        if self.prompt_embeds is not None:
+            return {"encoder_hidden_states": self.prompt_embeds}
+        return {}
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.z0.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.z0)
+
+
+def open_pairs_dataset(path: str | Path, full: bool = False):
+    """Open a pairs dataset (memory-mapped Arrow) and check its columns, and the files and rows recorded
+    in its ``reflow_pairs.json`` (sizes; with ``full`` also the sha256); returns (dataset, provenance)."""
+    path = Path(path)
+    if not path.is_dir():
+        unfinished = Path(f"{path}.partial").is_dir()
+        hint = f" (an unfinished run is in {path}.partial: rerun `reflow generate`)" if unfinished else ""
+        raise ReflowError(f"no such pairs folder: {path}{hint}")
+    record = read_provenance(path) if folder_kind(path) == "pairs" else None
+    if record is not None:
+        check_files(path, record, full)
+    ds = _load_dataset(path, record)
+    _check_rows(path, ds, record)
+    try:
+        provenance = json.loads(ds.info.description or "{}")
+    except json.JSONDecodeError:
+        provenance = {}
+    return ds, provenance
+
+
+def _load_dataset(path: Path, record: dict[str, Any] | None):
+    """The dataset saved in ``path`` (the ``train`` split, or the first, of a DatasetDict)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        if record is not None:
+            raise damaged(path, f"it does not open ({type(e).__name__})") from None
+        raise ReflowError(f"{path} is not a pairs dataset written by `reflow generate` ({type(e).__name__})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    return ds
+
+
+def _check_rows(path: Path, ds, record: dict[str, Any] | None) -> None:
+    """Refuse a dataset without z0/z1, without rows, or with other than its recorded number of rows."""
+    missing = [c for c in ("z0", "z1") if c not in ds.column_names]
+    if missing:
+        raise ReflowError(f"{path} lacks column(s) {', '.join(missing)}; pairs need z0 and z1")
+    if len(ds) == 0:
+        raise ReflowError(f"{path} holds no rows; regenerate it")
+    expected = (record or {}).get("num_rows")
+    if isinstance(expected, int) and len(ds) != expected:
+        raise damaged(path, f"it holds {len(ds)} rows, expected {expected}")
+
+
+def load_pairs(path: str | Path) -> Pairs:
+    """Open and check a pairs dataset written by ``generate_pairs`` (or by hand with the same columns),
+    reading every row into memory (for evaluation and checks; training streams with ``PairsReader``)."""
+    ds, provenance = open_pairs_dataset(path)
+    try:
+        cols = ds.with_format("numpy")[:]
+        z0 = np.asarray(cols["z0"], dtype=np.float32)
+        z1 = np.asarray(cols["z1"], dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ReflowError(f"{path}: z0/z1 rows have different shapes; pairs need one fixed shape") from None
+    if z0.shape != z1.shape or z0.ndim < 2:
+        raise ReflowError(f"{path}: z0 has shape {z0.shape} but z1 has {z1.shape}; they must match as (N, ...)")
+    if not (np.isfinite(z0).all() and np.isfinite(z1).all()):
+        raise ReflowError(f"{path} holds NaN or inf values; regenerate it")
+    index = np.asarray(cols["index"]) if "index" in ds.column_names else np.arange(len(ds))
+    label = torch.from_numpy(np.asarray(cols["label"], dtype=np.int64)) if "label" in cols else None
+    embeds = torch.from_numpy(np.asarray(cols["prompt_embeds"], dtype=np.float32)) if "prompt_embeds" in cols else None
+    prompt = [str(x) for x in cols["prompt"]] if "prompt" in cols else None
+    return Pairs(
+        torch.from_numpy(z0),
+        torch.from_numpy(z1),
+        torch.from_numpy(index.astype(np.int64)),
+        provenance,
+        label,
+        embeds,
+        prompt,
+    )
+
+
+class PairsReader:
+    """Random batches from a pairs dataset without loading it into memory.
+
+    Each Arrow chunk of a fixed-shape column is viewed as one (rows, *shape) numpy array straight over
+    the memory-mapped file (zero copy), so a batch is a numpy gather: pairs larger than memory train,
+    and the OS page cache keeps hot rows in memory. Columns that cannot be viewed that way (nulls,
+    ragged rows) fall back to datasets' own row access.
+
+    ``max_rows`` keeps the first rows only (``--max-pairs``). ``batch(idx)`` returns float32 CPU tensors
+    (z0, z1) and the rows' conditioning as the model's keywords: ``{"class_labels": (B,) int64}`` for
+    class-labelled pairs, ``{"encoder_hidden_states": (B, seq, dim) float32}`` for text pairs, ``{}``
+    otherwise. Text pairs stored without embeddings (prompts only) need ``attach_prompt_embeddings``
+    first, with the embeddings of ``unique_prompts()``.
+    """
+
+    def __init__(self, path: str | Path, max_rows: int | None = None):
+        ds, self.provenance = open_pairs_dataset(path)
+        self.path = Path(path)
+        if max_rows is not None and max_rows < 1:
+            raise ReflowError(f"--max-pairs must be at least 1, got {max_rows}")
+        self.rows = len(ds) if max_rows is None else min(max_rows, len(ds))
+        self.has_label = "label" in ds.column_names
+        self.has_embeddings = "prompt_embeds" in ds.column_names
+        self.conditioning = "class" if self.has_label else "text" if "prompt" in ds.column_names else None
+        self._ds = ds.with_format("numpy")
+        first = self._ds[0]
+        z0, z1 = np.asarray(first["z0"]), np.asarray(first["z1"])
+        if z0.shape != z1.shape or z0.ndim < 1:
+            raise ReflowError(f"{path}: z0 rows have shape {z0.shape} but z1 rows {z1.shape}; they must match")
+        self.sample_shape = tuple(z0.shape)
+        self._labels = np.asarray(self._ds["label"], dtype=np.int64) if self.has_label else None
+        self.num_classes = self._num_classes()
+        self.embed_shape = self._embed_shape(first, path)
+        self._prompt_ids: np.ndarray | None = None
+        self._prompt_table: torch.Tensor | None = None
+        columns = ("z0", "z1", "prompt_embeds") if self.has_embeddings else ("z0", "z1")
+        self._views = None
+        if ds._indices is None:
+            try:
+                self._views = {c: _chunk_views(ds.data.column(c), tuple(np.asarray(first[c]).shape)) for c in columns}
+                self._starts = np.cumsum([0] + [len(v) for v in self._views["z0"]])
+            except _NotViewable:
+                self._views = None
+
+    def _num_classes(self) -> int | None:
+        """The class count of class-labelled pairs: the teacher's recorded one, else the largest label + 1."""
+        if self._labels is None:
+            return None
+        recorded = (self.provenance.get("teacher") or {}).get("num_classes")
+        return int(recorded) if recorded else int(self._labels.max()) + 1
+
+    def _embed_shape(self, first: dict[str, Any], path: str | Path) -> tuple[int, int] | None:
+        """The shape of one prompt embedding of text pairs: stored, else recorded."""
+        if self.conditioning != "text":
+            return None
+        if self.has_embeddings:
+            return tuple(np.asarray(first["prompt_embeds"]).shape)
+        if self.provenance.get("embed_shape"):
+            return tuple(self.provenance["embed_shape"])
+        raise ReflowError(f"{path} holds prompts without embeddings and no recorded embed_shape; regenerate")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def unique_prompts(self) -> list[str]:
+        """The distinct prompts of text pairs, in first-seen order (``attach_prompt_embeddings`` takes
+        their embeddings in this order)."""
+        if self.conditioning != "text":
+            raise ReflowError(f"{self.path} holds no prompts")
+        column = [str(p) for p in self._ds["prompt"]]
+        unique: dict[str, int] = {}
+        self._prompt_ids = np.array([unique.setdefault(p, len(unique)) for p in column], dtype=np.int64)
+        return list(unique)
+
+    def attach_prompt_embeddings(self, table: torch.Tensor) -> None:
+        """Use ``table[j]`` (the embeddings of ``unique_prompts()[j]``) for every row with that prompt."""
+        if self._prompt_ids is None:
+            self.unique_prompts()
+        want = int(self._prompt_ids.max()) + 1
+        if len(table) != want or tuple(table.shape[1:]) != tuple(self.embed_shape):
+            raise ReflowError(
+                f"prompt embeddings of shape {tuple(table.shape)} for {want} prompts of shape {self.embed_shape}"
+            )
+        self._prompt_table = table.float().cpu()
+
+    def _gather(self, column: str, idx: np.ndarray) -> np.ndarray:
+        views = self._views[column]
+        chunk = np.searchsorted(self._starts, idx, side="right") - 1
+        out = np.empty((len(idx), *views[0].shape[1:]), dtype=np.float32)
+        for c in np.unique(chunk):
+            sel = chunk == c
+            out[sel] = views[c][idx[sel] - self._starts[c]]
+        return out
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        rows = idx.numpy()
+        cond: dict[str, torch.Tensor] = {}
+        embeds = None
+        if self._views is not None:
+            z0, z1 = self._gather("z0", rows), self._gather("z1", rows)
+            if self.has_embeddings:
+                embeds = self._gather("prompt_embeds", rows)
+        else:
+            columns = ["z0", "z1", *(["prompt_embeds"] if self.has_embeddings else [])]
+            try:
+                got = self._ds.select_columns(columns)[rows.tolist()]
+                z0 = np.asarray(got["z0"], dtype=np.float32)
+                z1 = np.asarray(got["z1"], dtype=np.float32)
+                if self.has_embeddings:
+                    embeds = np.asarray(got["prompt_embeds"], dtype=np.float32)
+            except (ValueError, TypeError):
+                raise ReflowError(f"{self.path}: z0/z1 rows have different shapes; pairs need one shape") from None
+            if z0.shape[1:] != self.sample_shape or z1.shape != z0.shape:
+                raise ReflowError(f"{self.path}: rows of shape {tuple(z0.shape[1:])} among {self.sample_shape}")
+        if self._labels is not None:
+            cond["class_labels"] = torch.from_numpy(self._labels[rows])
+        if self.conditioning == "text":
+            if embeds is not None:
+                cond["encoder_hidden_states"] = torch.from_numpy(embeds)
+            elif self._prompt_table is not None:
+                cond["encoder_hidden_states"] = self._prompt_table[torch.from_numpy(self._prompt_ids[rows])]
+            else:
+                raise ReflowError(f"{self.path} stores prompts only; attach their embeddings first")
+        return torch.from_numpy(z0), torch.from_numpy(z1), cond
+
+
+class _NotViewable(Exception):
+    pass
+
+
+def _chunk_views(column, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Zero-copy (rows, *shape) numpy views of each chunk of a fixed-shape Arrow list column."""
+    import pyarrow as pa
+
+    views = []
+    for chunk in column.chunks:
+        arr = chunk.storage if isinstance(chunk.type, pa.ExtensionType) else chunk
+        rows = len(arr)
+        while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+            if arr.null_count:
+                raise _NotViewable
+            arr = arr.flatten()
+        if arr.null_count or not pa.types.is_floating(arr.type) or len(arr) != rows * math.prod(shape):
+            raise _NotViewable
+        views.append(arr.to_numpy(zero_copy_only=True).reshape(rows, *shape))
+    return views
