@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import cli_ok, free_port
-from reflow.cli.app import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from reflow.cli.app import app
 from reflow.errors import ReflowError
 from reflow.models.velocity import MLPVelocity
-from reflow.pairs.generate import generate_pairs
+from reflow.pairs import generate_pairs
+from reflow.student import TrainConfig, checkpoint_root, latest_checkpoint, train
 from reflow.student.checkpoints import (
     checkpoint_kind,
     flatten,
@@ -29,8 +30,7 @@ from reflow.student.checkpoints import (
     save_training_state,
     unflatten,
 )
-from reflow.student.loop import TrainConfig, checkpoint_root, latest_checkpoint, train
-from reflow.teachers.base import FlowTeacher
+from reflow.teachers import FlowTeacher
 
 TINY = dict(hidden_dim=32, num_layers=2, time_embed_dim=16, batch_size=64, log_every=1, log_with="none")
 TINY_TOML = "hidden_dim = 32\nnum_layers = 2\ntime_embed_dim = 16\nlog_every = 1\n"
@@ -456,13 +456,13 @@ def test_unwritable_location_fails_before_step_one(tmp_path):
 def test_a_failed_checkpoint_write_leaves_no_half_folder(tmp_path, monkeypatch):
     import errno
 
-    import reflow.student.loop
+    import reflow.student.checkpoints
 
     def full_disk(folder, **kwargs):
         (folder / "model.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(reflow.student.loop, "save_training_state", full_disk)
+    monkeypatch.setattr(reflow.student.checkpoints, "save_training_state", full_disk)
     out = tmp_path / "m"
     with pytest.raises(OSError, match="No space"):
         train(TrainConfig(out=str(out), data="moons", max_steps=8, checkpoint_every=4, **TINY))
@@ -474,7 +474,7 @@ def test_a_failed_checkpoint_write_leaves_no_half_folder(tmp_path, monkeypatch):
 TORCHRUN = textwrap.dedent(
     """
     import os, sys
-    from reflow.student.loop import TrainConfig, train
+    from reflow.student import TrainConfig, train
     out, stop = sys.argv[1], int(sys.argv[2])
     def progress(step, total, loss, sps):
         if stop and step >= stop:
@@ -519,8 +519,8 @@ def test_two_process_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
 
 
 def test_differences_name_each_setting_and_both_values():
-    from reflow.student.loop import _differences
+    from reflow.student.config import differences
 
     recorded = {"lr": 0.001, "max_pairs": None, "model_config": {"layers_per_block": 2, "sample_size": 8}}
     now = {"lr": 0.001, "max_pairs": 100, "model_config": {"layers_per_block": 1, "sample_size": 8}}
-    assert _differences(recorded, now) == ["--max-pairs none (now 100)", "--model-config layers_per_block 2 (now 1)"]
+    assert differences(recorded, now) == ["--max-pairs none (now 100)", "--model-config layers_per_block 2 (now 1)"]

@@ -11,9 +11,9 @@ from helpers import free_port
 from safetensors.torch import load_file
 
 from reflow.errors import ReflowError
-from reflow.pairs.generate import generate_pairs
-from reflow.student.loop import TrainConfig, checkpoint_root, latest_checkpoint, train
-from reflow.teachers.base import FlowTeacher
+from reflow.pairs import generate_pairs
+from reflow.student import TrainConfig, checkpoint_root, latest_checkpoint, train
+from reflow.teachers import FlowTeacher
 
 TINY = dict(hidden_dim=32, num_layers=2, time_embed_dim=16, batch_size=64, log_every=5)
 
@@ -67,10 +67,71 @@ def test_reflow_round_from_pairs_with_init(tiny_flow, tmp_path):
     assert '"loss": "pseudo_huber"' in (tmp_path / "auto" / "README.md").read_text()
 
 
+def test_model_card_is_a_hub_card_with_the_provenance(tiny_flow):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tiny_flow / "README.md")
+    assert card.data.tags == ["reflow", "rectified-flow", "diffusers"]
+    assert card.data.library_name is None  # an MLP: not a diffusers pipeline
+    assert card.text.lstrip().startswith(f"# reflow velocity model {tiny_flow.name}\n")
+    assert f"reflow sample --model {tiny_flow.name} --nfe 4" in card.text
+    provenance = json.loads(card.text.split("```json\n", 1)[1].split("\n```", 1)[0])
+    assert provenance["round"] == "1 (independent coupling)" and provenance["weights"] == "EMA"
+    assert provenance["train_config"]["data"] == "checkerboard" and provenance["train_config"]["max_steps"] == 30
+
+
+def test_image_student_card_says_how_to_load_it_in_diffusers():
+    from reflow.models.velocity import build_model
+    from reflow.student.card import model_card
+
+    model = build_model((1, 8, 8), None)
+    card = model_card("digits-2rf", model, TrainConfig(out="digits-2rf", pairs="p", init="m", distill_k=2), None)
+    assert (card.data.library_name, card.data.pipeline_tag) == ("diffusers", "unconditional-image-generation")
+    assert 'DiffusionPipeline.from_pretrained("digits-2rf")' in card.text
+    assert "pipe(num_inference_steps=2)" in card.text
+    assert "2-step distillation of m on p" in card.text
+
+
+def test_an_output_from_before_the_marker_is_known_by_its_card(tiny_flow, tmp_path):
+    """A model folder written before outputs carried a marker: its card (the old hand-written one) records
+    the training, so the same training finds it complete and another is refused."""
+    import shutil
+
+    from reflow.folders.io import MARKER
+
+    out = tmp_path / "old"
+    shutil.copytree(tiny_flow, out)
+    (out / MARKER).unlink()
+    provenance = (out / "README.md").read_text().split("```json\n", 1)[1].split("\n```", 1)[0]
+    (out / "README.md").write_text(
+        "---\nlibrary_name: diffusers\ntags: [reflow, rectified-flow]\n---\n# reflow velocity model old\n\n"
+        f"Made by reflow.\n\n## Provenance\n\n```json\n{provenance}\n```\n"
+    )
+    same = dict(data="checkerboard", max_steps=30, batch_size=64, hidden_dim=32, num_layers=2, time_embed_dim=16)
+    again = train(TrainConfig(out=str(out), log_with="none", **same))
+    assert again.already_complete and again.steps == 30
+    with pytest.raises(ReflowError, match=r"other settings: --max-steps 30 \(now 31\)"):
+        train(TrainConfig(out=str(out), log_with="none", **{**same, "max_steps": 31}))
+
+
+def test_the_batch_of_a_step_depends_on_seed_and_step_only():
+    from reflow.student.batches import StepBatches, open_data
+
+    config = TrainConfig(out="m", data="moons", batch_size=8, gradient_accumulation_steps=2, seed=3)
+    data = open_data(config)
+    whole = StepBatches(data, config, world=1, rank=0).draw(5)
+    halves = [StepBatches(data, config, world=2, rank=r).draw(5) for r in (0, 1)]
+    assert whole.z1.shape == (2, 4, 2) and whole.t.shape == (2, 4)
+    # process r keeps rows [4r, 4r + 4) of the same global batch, as micro-batches of 2
+    assert torch.equal(torch.cat([h.z1.flatten(0, 1) for h in halves]), whole.z1.flatten(0, 1))
+    assert torch.equal(StepBatches(data, config, world=1, rank=0).draw(5).z0, whole.z0)
+    assert not torch.equal(StepBatches(data, config, world=1, rank=0).draw(6).z0, whole.z0)
+
+
 RUN = textwrap.dedent(
     """
     import os, signal, sys
-    from reflow.student.loop import TrainConfig, train
+    from reflow.student import TrainConfig, train
     out, kill_at = sys.argv[1], int(sys.argv[2])
     def progress(step, total, loss, sps):
         if kill_at and step >= kill_at:
@@ -117,6 +178,9 @@ def test_toml_config_and_overrides(tmp_path):
     cfg_file.write_text('max-steps = 7\nlr = 0.01\ntime_sampler = "logit_normal"\n')
     cfg = TrainConfig.from_toml(cfg_file, out="x", data="moons", lr=0.5, max_steps=None)
     assert (cfg.max_steps, cfg.lr, cfg.time_sampler, cfg.data) == (7, 0.5, "logit_normal", "moons")
+    cfg_file.write_text('loss = "l1"\n')  # the type is checked here, the choice by train, in its words
+    with pytest.raises(ReflowError, match="^--loss must be one of auto, l2, pseudo_huber$"):
+        train(TrainConfig.from_toml(cfg_file, out=str(tmp_path / "m"), data="moons"))
     cfg_file.write_text("learning_rate = 1\n")
     with pytest.raises(ReflowError, match="unknown setting"):
         TrainConfig.from_toml(cfg_file)
@@ -186,7 +250,7 @@ def test_tensorboard_logs_and_max_pairs(tiny_flow, tmp_path):
 def test_pairs_reader_gathers_exactly_the_stored_rows(tiny_flow, tmp_path):
     import datasets
 
-    from reflow.pairs.generate import PairsReader
+    from reflow.pairs import PairsReader
 
     pairs = generate_pairs(FlowTeacher(tiny_flow, nfe=2), tmp_path / "pairs", 100, batch_size=32, shard_size=32)
     stored = datasets.load_from_disk(str(pairs)).with_format("numpy")

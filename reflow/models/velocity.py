@@ -354,28 +354,6 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> nn.Module:
         raise ReflowError(f"could not load model from {path}: {_why(e)}; re-export or re-train the model") from None
 
 
-def model_card(title: str, provenance: dict[str, Any]) -> str:
-    """A model card (README.md) that records how the model was made."""
-    lines = [
-        "---",
-        "library_name: diffusers",
-        "tags: [reflow, rectified-flow]",
-        "---",
-        f"# {title}",
-        "",
-        "Made by [reflow](https://pypi.org/project/reflow/). Velocity convention: t = 0 noise, t = 1 data,"
-        " x_t = (1 - t) z0 + t z1, target z1 - z0.",
-        "",
-        "## Provenance",
-        "",
-        "```json",
-        json.dumps(provenance, indent=2, sort_keys=True, default=str),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def student_scheduler(num_train_timesteps: int = 1000) -> Any:
     """The scheduler of an exported image student: k-step Euler on a uniform grid (see the module docstring)."""
     from diffusers import DPMSolverMultistepScheduler

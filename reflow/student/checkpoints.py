@@ -1,5 +1,10 @@
 """Training checkpoints that load without pickle: tensors in safetensors files, everything else in JSON.
 
+Checkpoints of ``OUT`` live in ``OUT.checkpoints/step-N`` (the two newest are kept); each appears by rename,
+so a listed one is complete. :func:`save_checkpoint` writes one from the live :class:`TrainingState`,
+:func:`check_resumable` refuses one that is not ours to load or was made with other run settings, and
+:func:`resume` loads one back.
+
 A checkpoint folder holds
 
 - ``model.safetensors``: the (unwrapped) model's weights (``safetensors.torch.save_model``, so tied
@@ -22,12 +27,17 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from reflow.errors import ReflowError
+from reflow.folders.io import atomic_write_json
+from reflow.student.config import differences, json_value
 
 META = "reflow_checkpoint.json"
 STATE = "training_state.safetensors"
@@ -233,3 +243,136 @@ def load_training_state(
     if scaler is not None and meta.get("scaler") is not None:
         scaler.load_state_dict(unflatten(meta["scaler"], tensors))
     return meta
+
+
+# --- checkpoint folders of a training ------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """The live objects of a training: what a checkpoint saves and a resume restores."""
+
+    accelerator: Any  # accelerate.Accelerator
+    model: torch.nn.Module  # prepared by Accelerate (wrapped for DDP on many processes)
+    raw: torch.nn.Module  # the same model unwrapped: what is saved, loaded and averaged
+    optimizer: Any  # prepared by Accelerate
+    scheduler: Any  # the LR schedule, not prepared: it steps once per optimizer step
+    ema: Any  # diffusers.training_utils.EMAModel of ``raw``'s parameters
+
+
+def checkpoint_root(out: Path) -> Path:
+    """Where the checkpoints of a training into ``out`` live: ``OUT.checkpoints`` beside it."""
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def _step_folders(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name)]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint folder (they appear by rename, so a listed one is complete)."""
+    root = checkpoint_root(out)
+    if not root.is_dir():
+        return None
+    found = [p for p in _step_folders(root) if (p / "reflow_step.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def architecture(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's class and config (its UNet's for a UNetFlow), JSON-able: what its weights' shapes follow."""
+    inner = getattr(model, "unet", model)
+    config = {k: v for k, v in dict(getattr(inner, "config", {})).items() if not k.startswith("_")}
+    arch = {"class": type(inner).__name__, **config}
+    if inner is not model:
+        arch["wrapper"] = type(model).__name__
+    return json_value(arch)
+
+
+def save_checkpoint(out: Path, state: TrainingState, step: int, settings: dict[str, Any]) -> Path:
+    """Write the state after step ``step`` as ``OUT.checkpoints/step-N`` (safetensors + JSON, no pickle): every
+    process its random states, the main process the rest, with the run ``settings`` and the model's
+    architecture; the folder appears by rename. Call it on every process."""
+    accelerator = state.accelerator
+    root = checkpoint_root(out)
+    final, tmp = root / f"step-{step:07d}", root / f".step-{step:07d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # made here, before the barrier: every process writes its own RNG state into it
+    accelerator.wait_for_everyone()
+    try:
+        save_rng_state(tmp, accelerator.process_index)
+        if accelerator.is_main_process:
+            save_training_state(
+                tmp,
+                model=state.raw,
+                optimizer=state.optimizer,
+                scheduler=state.scheduler,
+                ema=state.ema,
+                scaler=accelerator.scaler,
+                step=step,
+                accelerator_step=accelerator.step,
+                info={"settings": settings, "architecture": architecture(state.raw)},
+            )
+            atomic_write_json(tmp / "reflow_step.json", {"step": step})
+    except BaseException:  # a full disk, say: no half checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()  # every process's random states are in
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for p in sorted(_step_folders(root))[:-2]:  # keep the two newest
+            shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_resumable(ckpt: Path, settings: dict[str, Any], allow_pickle: bool) -> None:
+    """Refuse, before any work, a checkpoint that is not ours to load or was made by other settings."""
+    root = ckpt.parent
+    kind = checkpoint_kind(ckpt)
+    if kind == "pickle" and not allow_pickle:
+        raise ReflowError(
+            f"{ckpt} was written by an older reflow with pickle state; pass --allow-pickle to load it if you "
+            f"trust it, or delete {root} and restart"
+        )
+    if kind == "none":
+        raise ReflowError(f"{ckpt} holds no reflow checkpoint state; delete {root} and restart")
+    if kind == "safe":
+        recorded = read_meta(ckpt).get("info", {}).get("settings")
+        diffs = differences(recorded, settings) if recorded is not None else []
+        if diffs:
+            raise ReflowError(
+                f"{ckpt} was made with other settings: {', '.join(diffs)}; resume with the same settings, "
+                f"or delete {root} to start over"
+            )
+
+
+def resume(ckpt: Path, state: TrainingState) -> int:
+    """Load ``ckpt`` into the live ``state``; returns its step. A folder of an older reflow (pickle state,
+    allowed by ``--allow-pickle``) goes through Accelerate's ``load_state``."""
+    accelerator = state.accelerator
+    if checkpoint_kind(ckpt) == "pickle":
+        accelerator.register_for_checkpointing(state.scheduler)
+        accelerator.register_for_checkpointing(state.ema)
+        accelerator.load_state(str(ckpt))
+        return json.loads((ckpt / "reflow_step.json").read_text())["step"]
+    recorded = read_meta(ckpt).get("info", {}).get("architecture")
+    diffs = differences(recorded, architecture(state.raw), "") if recorded is not None else []
+    if diffs:
+        raise ReflowError(
+            f"{ckpt} holds another model architecture: {', '.join(diffs)}; resume with the same model, "
+            f"or delete {ckpt.parent} to start over"
+        )
+    meta = load_training_state(
+        ckpt,
+        model=state.raw,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        ema=state.ema,
+        scaler=accelerator.scaler,
+    )
+    load_rng_state(ckpt, accelerator.process_index)
+    accelerator.step = meta["accelerator_step"]
+    return meta["step"]

@@ -1,0 +1,229 @@
+"""The settings of a training: :class:`TrainConfig` (every setting, typed, readable from TOML), the checks made
+of it before any work, and the run settings recorded for resume (what determines the trained weights).
+
+A checkpoint and a finished output record :func:`run_settings`; a resume or a rerun whose run settings
+differ is refused, each difference named by :func:`differences` (``--lr 0.001 (now 0.01)``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from reflow.core.flow import LOSSES, Loss
+from reflow.core.noise import MAX_SEED
+from reflow.core.timesteps import TIME_SAMPLERS, TimeSampler
+from reflow.errors import ReflowError
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+"""Accelerate's ``mixed_precision``: autocast to fp16 (with a grad scaler) or bf16; a no-op on CPU."""
+MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
+LogWith = Literal["auto", "none", "tensorboard", "wandb", "all"]
+"""Accelerate trackers; ``auto``: tensorboard when installed, else none."""
+TRACKERS: tuple[str, ...] = get_args(LogWith)
+TrainLoss = Literal["auto", Loss]
+"""A :data:`reflow.core.flow.Loss`, or ``auto``: l2 from data, pseudo_huber on pairs."""
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting. TOML files given with ``--config`` use these names."""
+
+    out: str = ""
+    data: str | None = None  # round 1: a data source, independent coupling z0 ~ N(0, I), z1 ~ data
+    pairs: str | None = None  # round k: a pairs dataset from `reflow generate`
+    init: str | None = None  # a model folder or a diffusers DDPM checkpoint to start from (default: fresh)
+    model_config: str | None = None  # JSON config of a fresh model (UNet2DModel or MLPVelocity)
+    max_pairs: int | None = None  # train on the first N pairs only
+    distill_k: int | None = None  # k-step distillation: regress the k-step Euler output onto z1
+    log_with: LogWith = "auto"  # Accelerate trackers: auto = tensorboard when installed
+    allow_pickle: bool = False
+    max_steps: int = 5000
+    batch_size: int = 512  # global batch per optimizer step, over all processes
+    lr: float = 1e-3
+    seed: int = 0
+    checkpoint_every: int = 1000
+    resume: bool = False
+    mixed_precision: MixedPrecision = "no"
+    gradient_accumulation_steps: int = 1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    time_sampler: TimeSampler = "uniform"
+    # auto: l2 from data (independent coupling: only the mean of the many velocities through x_t is the
+    # flow's), pseudo_huber on pairs (one target per z0; measured on the digits teacher, README)
+    loss: TrainLoss = "auto"
+    huber_c: float | None = None
+    ema_decay: float = 0.999
+    hidden_dim: int = 256
+    num_layers: int = 4
+    time_embed_dim: int = 64
+    log_every: int = 25
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the model card
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a TOML file of TrainConfig names (dashes or underscores), then apply non-None overrides.
+        Each value must have its field's type (one ReflowError line naming every bad one)."""
+        from reflow.folders.settings import check_values
+
+        values = read_toml(path)
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ReflowError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        # the types here; the choices (a Literal's values) are named by check_config, in its words
+        values = check_values(cls, values, str(path), choices=False)
+        given = {k: str(v) if hasattr(v, "__fspath__") else v for k, v in overrides.items() if v is not None}
+        values.update(check_values(cls, given, "command line", choices=False))
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    loss: float
+    seconds: float
+    samples_per_second: float
+    already_complete: bool = False  # ``out`` held this very training, finished: nothing was trained
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; one ReflowError line for a missing, unreadable, non-UTF-8 or invalid file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise ReflowError(f"no such config file: {path}")
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ReflowError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    except UnicodeDecodeError:
+        raise ReflowError(f"{path} is not UTF-8 text; save the TOML file as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ReflowError(f"{path} is not valid TOML: {e}") from None
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse, in one ReflowError line, settings no training can run with (before any work)."""
+    if not config.out:
+        raise ReflowError("--out is required: the model folder to write")
+    if (config.data is None) == (config.pairs is None):
+        raise ReflowError("give exactly one of --data (round 1 from data) or --pairs (reflow from pairs)")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ReflowError(f"--seed must be in [0, {MAX_SEED}], got {config.seed}")
+    for name in ("max_steps", "batch_size", "checkpoint_every", "gradient_accumulation_steps", "log_every"):
+        if getattr(config, name) < 1:
+            raise ReflowError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ReflowError(f"--lr must be positive, got {config.lr}")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ReflowError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+    if config.time_sampler not in TIME_SAMPLERS:
+        raise ReflowError(f"--time-sampler must be one of {', '.join(TIME_SAMPLERS)}")
+    if config.loss not in (*LOSSES, "auto"):
+        raise ReflowError(f"--loss must be one of auto, {', '.join(LOSSES)}")
+    if not 0 <= config.ema_decay < 1:
+        raise ReflowError(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
+    if config.log_with not in TRACKERS:
+        raise ReflowError(f"--log-with must be one of {', '.join(TRACKERS)}")
+    if config.distill_k is not None:
+        if config.distill_k < 1:
+            raise ReflowError(f"--k must be at least 1, got {config.distill_k}")
+        if config.pairs is None or config.init is None:
+            raise ReflowError("distillation needs --pairs (the teacher's couplings) and --init (the reflow student)")
+
+
+def resolve_loss(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``loss = "auto"`` made concrete: l2 from data, pseudo_huber on pairs."""
+    if config.loss != "auto":
+        return config
+    return replace(config, loss="l2" if config.data is not None else "pseudo_huber")
+
+
+RESULT_SETTINGS = (
+    "seed",
+    "lr",
+    "batch_size",
+    "max_steps",  # the cosine schedule's length
+    "loss",
+    "huber_c",
+    "time_sampler",
+    "ema_decay",
+    "weight_decay",
+    "warmup_steps",
+    "grad_clip",
+    "gradient_accumulation_steps",
+    "distill_k",
+    "max_pairs",
+    "mixed_precision",
+)
+"""TrainConfig names that change the trained weights; a resume or a rerun must keep them. The rest
+(``checkpoint_every``, ``log_with``, ``log_every``, ...) may change."""
+
+
+def local_path(path: str | None) -> str | None:
+    """An existing local path as an absolute one; anything else (a built-in name, a Hub id) as given."""
+    if path is None or not Path(path).exists():
+        return path
+    return str(Path(path).resolve())
+
+
+def json_value(obj: Any) -> Any:
+    """``obj`` as JSON reads it back (keys sorted, tuples as lists, anything else as its ``str``)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """What determines the result of ``config`` (``loss`` already resolved from auto), JSON-able: the data
+    or pairs (paths resolved), the model asked for and :data:`RESULT_SETTINGS`. Recorded in every
+    checkpoint and in the finished output; a resume or rerun that changes any of them is refused."""
+    settings: dict[str, Any] = {
+        "data": local_path(config.data),
+        "pairs": local_path(config.pairs),
+        "init": local_path(config.init),
+    }
+    if config.init is None and config.model_config is not None:
+        settings["model_config"] = read_model_config(config.model_config)
+    elif config.init is None:
+        settings |= {k: getattr(config, k) for k in ("hidden_dim", "num_layers", "time_embed_dim")}
+    settings |= {k: getattr(config, k) for k in RESULT_SETTINGS}
+    return json_value(settings)
+
+
+def read_model_config(path: str) -> dict[str, Any]:
+    """The JSON config of ``--model-config``; one ReflowError line when it cannot be read."""
+    file = Path(path)
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReflowError(f"--model-config {file}: cannot read a JSON config ({type(e).__name__})") from None
+
+
+def differences(recorded: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "--") -> list[str]:
+    """``NAME RECORDED (now NOW)`` for every setting that differs; nested dicts (a model config) by key."""
+    found = []
+    for key in sorted(set(recorded) | set(now), key=str):
+        a, b = recorded.get(key), now.get(key)
+        if a == b:
+            continue
+        name = f"{prefix}{key}".replace("_", "-") if prefix == "--" else f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, f"{name} ")
+        else:
+            found.append(f"{name} {'none' if a is None else a} (now {'none' if b is None else b})")
+    return found
+
+
+def config_from_record(recorded: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of a recorded ``train_config`` (a model card's); names it does not know are dropped."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in recorded.items() if k in known})
