@@ -100,11 +100,10 @@ def test_toy_report_two_models(tmp_path, tiny_flow):
 @pytest.fixture(scope="module")
 def digits_setup(tmp_path_factory):
     """Held-out pairs from the bundled DDPM (DDIM-4) and an image student initialised from it (no training)."""
-    from reflow.pipelines.export import save_student as save
-
     from reflow.models.velocity import init_model
-    from reflow.pairs.generate import generate_pairs
-    from reflow.teachers.base import load_teacher
+    from reflow.pairs import generate_pairs
+    from reflow.pipelines.export import save_student as save
+    from reflow.teachers import load_teacher
 
     root = tmp_path_factory.mktemp("digits-eval")
     teacher = load_teacher(TEACHER, nfe=4, solver="ddim")
@@ -114,11 +113,10 @@ def digits_setup(tmp_path_factory):
 
 
 def test_digits_report_teacher_vs_student(tmp_path, digits_setup):
-    from reflow.eval.evaluate import digits_feature_extractor
-    from reflow.eval.features import bundled_digits_net, extract_features
+    from reflow.eval.features import bundled_digits_net, digits_feature_extractor, extract_features
     from reflow.eval.metrics import frechet_distance
     from reflow.folders.data import load_source
-    from reflow.teachers.base import load_teacher
+    from reflow.teachers import load_teacher
 
     settings = EvalSettings(
         nfes=[1, 4],

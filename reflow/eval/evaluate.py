@@ -16,9 +16,8 @@ steps for a diffusers checkpoint; adaptive dopri5 for a flow, by default for vec
 curvature K along a ``straightness_steps``-step Euler solve (see ``reflow.core.solvers``) and the calls the
 adaptive solver needs.
 
-Flows sample with Euler on their own grid (an exported student's scheduler grid); a diffusers DDPM
-checkpoint samples with DDIM (eta = 0) at k steps, so the teacher's row shows what its own solver does
-with the same budget.
+How each model is sampled (Euler on a flow's grid, a checkpoint's own solver) is
+:class:`reflow.eval.candidates.Candidate`'s.
 """
 
 from __future__ import annotations
@@ -33,14 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from reflow.core.flow import Conditioned
 from reflow.core.noise import row_noise
-from reflow.core.sampling import is_image, sample
-from reflow.core.solvers import solve
+from reflow.core.sampling import is_image
 from reflow.errors import ReflowError
+from reflow.eval.candidates import Candidate, checkpoint_guidance
+from reflow.eval.features import FEATURE_SPACES, FeatureSpace, digits_classifier, feature_spaces
+from reflow.eval.heldout import Heldout, is_pairs, load_heldout
+from reflow.eval.metrics import over_seeds, per_class, sample_quality
 from reflow.folders.data import load_source
-from reflow.folders.kinds import is_diffusers_checkpoint, is_flow_pipeline, is_text_pipeline, read_index
-from reflow.models.velocity import load_model
 from reflow.version import __version__
 
 STRAIGHTNESS_STEPS = 100
@@ -100,255 +99,122 @@ class Evaluation:
     pictures: dict[str, Any]
 
 
-class _Model:
-    """One model under evaluation: a flow of ours, or a diffusers checkpoint sampled with its solver.
+@dataclass
+class _Reference:
+    """The reference data in model space: the rows quality is measured against, with their features."""
 
-    ``conditioning`` is None, "class" or "text"; ``sample`` then takes the rows' class labels or prompt
-    embeddings. Latent (text-to-image) samples are not clamped.
-    """
-
-    def __init__(self, path: Path, settings: EvalSettings, device: torch.device | str, guidance: dict[str, Any]):
-        self.path = path
-        self.settings = settings
-        self.device = device
-        if not path.exists():
-            raise ReflowError(f"no such model: {path} (pass a `reflow train` folder or a diffusers pipeline folder)")
-        if is_diffusers_checkpoint(path):
-            from reflow.teachers.base import load_teacher
-
-            self.kind = "diffusers"
-            self.teacher = load_teacher(
-                path,
-                nfe=settings.teacher_nfe,
-                solver=settings.teacher_solver,
-                device=device,
-                allow_pickle=settings.allow_pickle,
-                **guidance,
-            )
-            self.conditioning = getattr(self.teacher, "conditioning", None) or (
-                "class" if self.teacher.num_classes is not None else None
-            )
-            self.label_choices = getattr(self.teacher, "label_choices", None)
-            self.sample_shape = tuple(self.teacher.sample_shape)
-            self.solver = f"{settings.teacher_solver} (the checkpoint's scheduler)"
-            if guidance.get("guidance_scale") is not None:
-                self.solver += f", guidance {guidance['guidance_scale']:g}"
-        else:
-            self.kind = "flow"
-            self.model = load_model(path, allow_pickle=settings.allow_pickle).to(device).eval()
-            self.conditioning = getattr(self.model, "conditioning", None)
-            self.label_choices = None
-            if self.conditioning == "class":
-                null = read_index(path).get("_reflow_null_class")
-                self.label_choices = [c for c in range(self.model.num_classes) if c != null]
-            self.sample_shape = tuple(self.model.sample_shape)
-            grid = "its scheduler's grid" if hasattr(self.model, "euler_grid") else "uniform grid"
-            self.solver = f"euler ({grid})"
-        self.clamp = is_image(self.sample_shape) and self.conditioning != "text"
-
-    def _finish(self, z1: torch.Tensor) -> torch.Tensor:
-        return z1.clamp(-1, 1) if self.clamp else z1
-
-    def sample(self, z0: torch.Tensor, k: int, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """z1 from z0 in k network calls (k-step Euler for a flow, k-step DDPM solver for a checkpoint);
-        ``cond``: the rows' class labels or prompt embeddings for a conditional model."""
-        bs = self.settings.batch_size
-        if self.kind == "flow":
-            keyword = {"class": "class_labels", "text": "encoder_hidden_states"}.get(self.conditioning)
-            kw = {keyword: cond} if keyword else None
-            return sample(self.model, z0, k, "euler", batch_size=bs, device=self.device, clamp=self.clamp, cond=kw).z1
-        self.teacher.nfe = k  # the teacher resets its scheduler to self.nfe steps on every call
-        outs = []
-        for b in range(0, len(z0), bs):
-            args = (z0[b : b + bs],) if cond is None else (z0[b : b + bs], cond[b : b + bs])
-            outs.append(self.teacher(*args).float().cpu())
-        return self._finish(torch.cat(outs))
-
-    def _field(self, cond: torch.Tensor | None, b: int, e: int):
-        if cond is None or self.conditioning is None:
-            return self.model
-        keyword = "class_labels" if self.conditioning == "class" else "encoder_hidden_states"
-        return Conditioned(self.model, **{keyword: cond[b:e].to(self.device)})
-
-    def _adaptive(self, z0: torch.Tensor, cond: torch.Tensor | None = None):
-        tol = self.settings.adaptive_tol
-        outs, nfe = [], 0
-        bs = self.settings.batch_size
-        for b in range(0, len(z0), bs):
-            field = self._field(cond, b, b + bs)
-            sol = solve(field, z0[b : b + bs].to(self.device), 0, "adaptive", rtol=tol, atol=tol)
-            outs.append(sol.z1.float().cpu())
-            nfe = max(nfe, sol.nfe)
-        return self._finish(torch.cat(outs)), nfe
-
-    def reference_solve(
-        self, z0: torch.Tensor, cond: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, int, str] | None:
-        if self.kind == "diffusers":
-            nfe = self.settings.teacher_nfe
-            return self.sample(z0, nfe, cond), nfe, self.settings.teacher_solver
-        adaptive = self.settings.adaptive
-        if adaptive is False or (adaptive is None and is_image(self.sample_shape)):
-            return None
-        z1, nfe = self._adaptive(z0, cond)
-        return z1, nfe, "adaptive"
-
-    def diagnostics(self, z0: torch.Tensor, cond: torch.Tensor | None = None) -> dict[str, Any] | None:
-        if self.kind != "flow":
-            return None
-        steps = self.settings.straightness_steps
-        keyword = {"class": "class_labels", "text": "encoder_hidden_states"}.get(self.conditioning)
-        sol = sample(
-            self.model, z0, steps, "euler", batch_size=self.settings.batch_size, device=self.device,
-            measure_straightness=True, clamp=self.clamp, cond={keyword: cond} if keyword else None,
-        )  # fmt: skip
-        _, nfe = self._adaptive(z0, cond)
-        return {
-            "straightness": sol.straightness,
-            "curvature": sol.curvature,
-            "adaptive_nfe": nfe,
-            "steps": steps,
-            "samples": len(z0),
-        }
-
-    @torch.inference_mode()
-    def trajectories(self, z0: torch.Tensor, steps: int = 50) -> np.ndarray | None:
-        """(steps + 1, n, 2) paths of a 2-D flow, for the trajectory plot."""
-        if self.kind != "flow":
-            return None
-        sol = solve(self.model, z0.to(self.device), steps, "euler", return_trajectory=True)
-        return torch.stack([x.float().cpu() for x in sol.trajectory]).numpy()
-
-
-def _feature_spaces(shape: tuple[int, ...], settings: EvalSettings, notes: list[str]) -> dict[str, Callable]:
-    """Feature extractors for the Fréchet and kernel distances of images: name -> f(images) -> (N, D)."""
-    spaces: dict[str, Callable] = {}
-    if not is_image(shape):
-        return spaces
-    if shape == (1, 8, 8):
-        spaces["digits"] = digits_feature_extractor()
-    if settings.inception_weights is not None:
-        from reflow.eval.metrics import inception_features
-
-        weights = settings.inception_weights
-        spaces["inception"] = lambda x: inception_features(x, weights)
-    else:
-        notes.append("Inception FID/KID skipped: it needs --inception-weights PATH (nothing can be downloaded here)")
-    return spaces
-
-
-def digits_feature_extractor() -> Callable[[torch.Tensor], np.ndarray]:
-    """f(images (N, 1, 8, 8) in [-1, 1]) -> (N, 64) features of the bundled digits network, scaled by one
-    constant so that the 1797 real digits have unit variance per dimension on average (FD and KID then
-    read in units of the real digits' spread rather than of the network's arbitrary activation scale)."""
-    from reflow.eval.features import bundled_digits_net, extract_features
-    from reflow.folders.data import load_digits_array
-
-    net = bundled_digits_net()
-    real = extract_features(net, load_digits_array())
-    scale = 1.0 / float(np.sqrt(real.var(axis=0, ddof=1).mean()))
-    return lambda x: extract_features(net, x) * scale
-
-
-def _quality(
-    x: torch.Tensor,
-    ref: torch.Tensor,
-    ref_features: dict[str, np.ndarray],
-    spaces: dict[str, Callable],
-    settings: EvalSettings,
-    seed: int,
-) -> dict[str, float]:
-    from reflow.eval.metrics import frechet_distance, kernel_distance, w2
-
-    out: dict[str, float] = {}
-    if len(x) * len(ref) <= settings.w2_max_cells:
-        out["w2"] = w2(x, ref)
-    for name, extract in spaces.items():
-        f = extract(x)
-        out[f"fd_{name}"] = frechet_distance(f, ref_features[name])
-        out[f"kid_{name}"] = kernel_distance(
-            f, ref_features[name], subsets=settings.kid_subsets, subset_size=settings.kid_subset_size, seed=seed
-        )[0]
-    return out
-
-
-def _over_seeds(per_seed: list[dict[str, float]]) -> dict[str, Any]:
-    """Mean, spread (sample standard deviation; 0 for one seed) and the values of each metric."""
-    out: dict[str, Any] = {}
-    for key in per_seed[0]:
-        values = [d[key] for d in per_seed]
-        out[key] = float(np.mean(values))
-        out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        out[f"{key}_seeds"] = values
-    return out
+    shape: tuple[int, ...]
+    rows: torch.Tensor  # (m, *shape) float32
+    labels: torch.Tensor | None  # the rows' class labels, or None for unlabelled data
+    class_rows: torch.Tensor  # per-class W2 compares with every labelled row of the class
+    class_labels: torch.Tensor | None
+    spaces: dict[str, FeatureSpace]  # name -> f(images) -> (N, D)
+    features: dict[str, np.ndarray]  # the rows' features in each space
 
 
 @dataclass
-class _Heldout:
-    path: str
-    z0: torch.Tensor
-    z1: torch.Tensor
-    provenance: dict[str, Any]
-    cond: torch.Tensor | None  # the rows' class labels or prompt embeddings
-    conditioning: str | None
+class _Run:
+    """What every model of one evaluation shares: settings, reference data, held-out pairs and noise."""
+
+    settings: EvalSettings
+    reference: _Reference
+    heldout: Heldout | None
+    noise: dict[int, torch.Tensor]  # seed -> (num_samples, *shape) noise row_noise(seed, 0..n-1)
+    device: torch.device | str
+    classifier: Callable[[torch.Tensor], np.ndarray] | None  # digits: predicted labels, for agreement
+
+    @property
+    def first_noise(self) -> torch.Tensor:
+        return self.noise[self.settings.seeds[0]]
+
+    @property
+    def grid(self) -> bool:
+        """Whether models get picture rows: images, not latents (they would need the VAE)."""
+        latent = self.heldout is not None and self.heldout.conditioning == "text"
+        return is_image(self.reference.shape) and not latent
+
+    def quality(self, x: torch.Tensor, seed: int) -> dict[str, float]:
+        s, ref = self.settings, self.reference
+        return sample_quality(
+            x, ref.rows, ref.features, ref.spaces,
+            w2_max_cells=s.w2_max_cells, kid_subsets=s.kid_subsets, kid_subset_size=s.kid_subset_size, seed=seed,
+        )  # fmt: skip
+
+    def per_class(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        return per_class(x, labels, self.reference.class_rows, self.reference.class_labels, self.classifier)
 
 
-def _fidelity_pairs(settings: EvalSettings, shape: tuple[int, ...]) -> _Heldout:
-    from reflow.pairs.generate import PairsReader
+@dataclass
+class _Steps:
+    """Progress over every model's NFEs, reference solve and diagnostics."""
 
-    reader = PairsReader(settings.heldout, max_rows=settings.num_fidelity)
-    if tuple(reader.sample_shape) != shape:
-        raise ReflowError(
-            f"held-out pairs {settings.heldout} hold samples of shape {tuple(reader.sample_shape)}, "
-            f"the models make {shape}"
+    progress: Progress | None
+    total: int
+    done: int = 0
+
+    def __call__(self, name: str) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(f"eval {name}", self.done, self.total)
+
+
+def _load_reference(settings: EvalSettings, notes: list[str]) -> _Reference:
+    """The reference rows, their labels and their features in every feature space of their shape."""
+    source = load_source(settings.reference)
+    shape = tuple(source.sample_shape)
+    rows = source.reference(settings.num_samples).float()
+    labels = source.reference_labels(settings.num_samples)
+    spaces = feature_spaces(shape, settings.inception_weights)
+    if is_image(shape) and settings.inception_weights is None:
+        notes.append("Inception FID/KID skipped: it needs --inception-weights PATH (nothing can be downloaded here)")
+    features = {name: extract(rows) for name, extract in spaces.items()}
+    if len(rows) * settings.num_samples > settings.w2_max_cells:
+        notes.append(
+            f"exact W2 skipped: {settings.num_samples} x {len(rows)} samples exceed the {settings.w2_max_cells:,}-cell "
+            "cost matrix limit; lower --num-samples for it"
         )
-    if reader.conditioning == "text" and not reader.has_embeddings:
-        from reflow.models.text import PromptEncoder
-
-        teacher = (reader.provenance.get("teacher") or {}).get("teacher", "")
-        encoder = PromptEncoder(teacher, allow_pickle=settings.allow_pickle)
-        reader.attach_prompt_embeddings(encoder(reader.unique_prompts()))
-    z0, z1, cond = reader.batch(torch.arange(len(reader)))
-    if is_image(shape) and reader.conditioning != "text":
-        z1 = z1.clamp(-1, 1)
-    value = next(iter(cond.values())) if cond else None
-    return _Heldout(settings.heldout, z0, z1, reader.provenance, value, reader.conditioning)
+    class_rows = source.data if source.labels is not None else rows
+    return _Reference(shape, rows, labels, class_rows, source.labels, spaces, features)
 
 
-def _guidance(path: Path, settings: EvalSettings, heldout: _Heldout | None) -> dict[str, Any]:
-    """The guidance settings a diffusers checkpoint is sampled with: the command line's, else those the
-    held-out pairs were made with (so the teacher row is the teacher the student learned from)."""
-    if not (path / "model_index.json").is_file() or is_flow_pipeline(path):
-        return {}
-    text = is_text_pipeline(path)
-    recorded: dict[str, Any] = {}
-    if heldout is not None:
-        teacher = heldout.provenance.get("teacher") or {}
-        recorded = {**(teacher.get("overrides") or {})}
-        for key in ("guidance_scale", "negative_prompt"):
-            if key in teacher:
-                recorded.setdefault(key, teacher[key])
-    given = {"guidance_scale": settings.guidance_scale, "null_label": settings.null_label}
-    given["negative_prompt"] = settings.negative_prompt
-    keys = ("guidance_scale", "negative_prompt") if text else ("guidance_scale", "null_label")
-    out = {}
-    for key in keys:
-        value = given[key] if given[key] is not None else recorded.get(key)
-        if value is not None:
-            out[key] = value
-    return out
+def _load_heldout(settings: EvalSettings, shape: tuple[int, ...], notes: list[str]) -> Heldout | None:
+    if settings.heldout is None:
+        notes.append("fidelity to the teacher skipped: pass held-out pairs with --heldout PAIRS")
+        return None
+    return load_heldout(settings.heldout, shape, max_rows=settings.num_fidelity, allow_pickle=settings.allow_pickle)
 
 
-def _conditions(model: _Model, n: int, heldout: _Heldout | None, source_labels: torch.Tensor | None):
-    """The conditioning of the n quality samples: class labels cycling over the classes (balanced), or the
+def _candidate(run: _Run, path: Path) -> Candidate:
+    """The model at ``path``, checked against the reference's shape and the held-out pairs' conditioning."""
+    s, heldout = run.settings, run.heldout
+    given = {"guidance_scale": s.guidance_scale, "null_label": s.null_label, "negative_prompt": s.negative_prompt}
+    model = Candidate(
+        path, device=run.device, batch_size=s.batch_size, teacher_nfe=s.teacher_nfe, teacher_solver=s.teacher_solver,
+        guidance=checkpoint_guidance(path, given, heldout.teacher if heldout is not None else {}),
+        adaptive_tol=s.adaptive_tol, allow_pickle=s.allow_pickle,
+    )  # fmt: skip
+    shape = run.reference.shape
+    if model.sample_shape != shape:
+        raise ReflowError(f"{path} makes samples of shape {model.sample_shape} but {s.reference} holds {shape}")
+    if heldout is not None and model.conditioning != heldout.conditioning:
+        raise ReflowError(
+            f"{path} is {model.conditioning or 'unconditional'} but the held-out pairs {heldout.path} are "
+            f"{heldout.conditioning or 'unconditional'}; pass matching pairs with --heldout"
+        )
+    return model
+
+
+def _conditions(model: Candidate, run: _Run) -> torch.Tensor | None:
+    """The conditioning of the quality samples: class labels cycling over the classes (balanced), or the
     held-out pairs' prompt embeddings cycling over their rows."""
+    n, heldout, labels = run.settings.num_samples, run.heldout, run.reference.labels
     if model.conditioning is None:
         return None
     if model.conditioning == "class":
         if heldout is not None and heldout.conditioning == "class":
             choices = sorted(set(heldout.cond.tolist()))
-        elif source_labels is not None:
-            choices = sorted(set(source_labels.tolist()) & set(model.label_choices))
+        elif labels is not None:
+            choices = sorted(set(labels.tolist()) & set(model.label_choices))
         else:
             choices = list(model.label_choices)
         return torch.tensor([choices[i % len(choices)] for i in range(n)], dtype=torch.long)
@@ -358,52 +224,131 @@ def _conditions(model: _Model, n: int, heldout: _Heldout | None, source_labels: 
     return heldout.cond[idx]
 
 
-def _per_class(
-    x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor | None, digits: bool
-) -> dict[str, Any]:
-    """Classifier agreement (the bundled digits network, for digits) and W2 to the reference rows of the same
-    class (where the reference is labelled), per requested class and overall."""
-    from reflow.eval.metrics import w2
-
-    out: dict[str, Any] = {}
-    predicted = None
-    if digits:
-        from reflow.eval.features import bundled_digits_net, classify
-
-        predicted = torch.from_numpy(classify(bundled_digits_net(), x))
-        out["agreement"] = float((predicted == labels).double().mean())
-    classes: dict[str, Any] = {}
-    for c in sorted(set(labels.tolist())):
-        mine = labels == c
-        cell: dict[str, float] = {"samples": int(mine.sum())}
-        if predicted is not None:
-            cell["agreement"] = float((predicted[mine] == c).double().mean())
-        if ref_labels is not None and int((ref_labels == c).sum()) >= 2 and int(mine.sum()) >= 2:
-            cell["w2"] = w2(x[mine], ref[ref_labels == c])
-        classes[str(c)] = cell
-    out["classes"] = classes
-    if predicted is not None:
-        out["agreement_min_class"] = min(v["agreement"] for v in classes.values())
-    if classes and all("w2" in v for v in classes.values()):
-        out["w2_class_mean"] = float(np.mean([v["w2"] for v in classes.values()]))
-    return out
+def _mse(z1: torch.Tensor, teacher_z1: torch.Tensor) -> float:
+    return float(((z1 - teacher_z1) ** 2).mean())
 
 
-def _is_pairs(path: str) -> bool:
-    """A folder written by `reflow generate` (its reflow_pairs.json); a damaged one is opened later and
-    refused with its own line rather than taken for a data source."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    if (p / "reflow_pairs.json").is_file():
-        return True
-    from reflow.pairs.generate import _open_pairs_dataset
+def _grid(run: _Run, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The noise and conditioning of a model's picture row: the held-out pairs' first rows (under the
+    teacher's row), else the first quality samples'."""
+    if run.heldout is not None:
+        held = run.heldout.cond
+        return run.heldout.z0[:GRID_COLUMNS], held[:GRID_COLUMNS] if held is not None else None
+    return run.first_noise[:GRID_COLUMNS], cond[:GRID_COLUMNS] if cond is not None else None
 
-    try:  # a folder with z0 and z1 columns made elsewhere
-        _open_pairs_dataset(p)
-    except ReflowError:
-        return False
-    return True
+
+def _nfe_cell(run: _Run, model: Candidate, k: int, cond: torch.Tensor | None, pics: dict[str, Any]) -> dict[str, Any]:
+    """Quality over the seeds (and per class), fidelity and the picture row of ``model`` at k calls."""
+    s, t0 = run.settings, time.perf_counter()
+    per_seed, classes = [], None
+    for seed in s.seeds:
+        x = model.sample(run.noise[seed], k, cond)
+        scores = run.quality(x, seed)
+        if model.conditioning == "class":
+            breakdown = run.per_class(x, cond)
+            scores.update({key: v for key, v in breakdown.items() if key != "classes"})
+            if classes is None:
+                classes = breakdown["classes"]  # the first seed's breakdown
+        per_seed.append(scores)
+        if seed == s.seeds[0] and not is_image(run.reference.shape):
+            pics["scatter"][str(k)] = x[:SCATTER_POINTS].numpy()
+    cell = over_seeds(per_seed)
+    if classes is not None:
+        cell["classes"] = classes
+    if run.heldout is not None:
+        cell["mse_teacher"] = _mse(model.sample(run.heldout.z0, k, run.heldout.cond), run.heldout.z1)
+    cell["seconds"] = time.perf_counter() - t0
+    if run.grid:
+        z0, grid_cond = _grid(run, cond)
+        pics["rows"][str(k)] = model.sample(z0, k, grid_cond).numpy()
+    return cell
+
+
+def _reference_solve_cell(run: _Run, model: Candidate, cond: torch.Tensor | None) -> dict[str, Any] | None:
+    """Quality (and fidelity) of the model's reference solve on the first seed's noise; None without one."""
+    seed, adaptive, heldout = run.settings.seeds[0], run.settings.adaptive, run.heldout
+    solved = model.reference_solve(run.noise[seed], cond, adaptive)
+    if solved is None:
+        return None
+    z1, nfe, solver = solved
+    quality = run.quality(z1, seed)
+    if model.conditioning == "class":
+        quality.update({k: v for k, v in run.per_class(z1, cond).items() if k != "classes"})
+    cell = {"solver": solver, "nfe": nfe, "seed": seed, **quality}
+    if heldout is not None:
+        cell["mse_teacher"] = _mse(model.reference_solve(heldout.z0, heldout.cond, adaptive)[0], heldout.z1)
+    return cell
+
+
+def _flow_cell(run: _Run, model: Candidate, cond: torch.Tensor | None, pics: dict[str, Any]) -> dict[str, Any]:
+    """A flow's straightness, curvature and adaptive calls on the diagnostics noise (and its trajectories
+    in 2-D); {} for a checkpoint."""
+    s = run.settings
+    z0 = run.first_noise[: s.diagnostics_samples]
+    diag = model.diagnostics(z0, cond[: len(z0)] if cond is not None else None, s.straightness_steps)
+    if diag is None:
+        return {}
+    if run.reference.shape == (2,):
+        pics["trajectories"] = model.trajectories(z0[:TRAJECTORIES])
+    return {
+        "straightness": diag["straightness"],
+        "curvature": diag["curvature"],
+        "adaptive_nfe": diag["adaptive_nfe"],
+        "adaptive_tol": s.adaptive_tol,
+        "straightness_steps": diag["steps"],
+        "straightness_samples": diag["samples"],
+    }
+
+
+def _evaluate_model(run: _Run, name: str, path: Path, step: _Steps) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One model's entry of the metrics (per NFE, reference solve, flow diagnostics) and its pictures."""
+    model = _candidate(run, path)
+    cond = _conditions(model, run)
+    entry: dict[str, Any] = {"name": name, "model": str(path), "kind": model.kind, "solver": model.solver}
+    if model.conditioning is not None:
+        entry["conditioning"] = model.conditioning
+    entry["nfe"] = {}
+    pics: dict[str, Any] = {"rows": {}, "scatter": {}}
+    for k in run.settings.nfes:
+        entry["nfe"][str(k)] = _nfe_cell(run, model, k, cond, pics)
+        step(name)
+    solved = _reference_solve_cell(run, model, cond)
+    if solved is not None:
+        entry["reference_solve"] = solved
+    step(name)
+    entry.update(_flow_cell(run, model, cond, pics))
+    step(name)
+    return entry, pics
+
+
+def _pictures(run: _Run) -> dict[str, Any]:
+    """The pictures shared by every model: the teacher's row of images, or the reference points."""
+    pictures: dict[str, Any] = {"sample_shape": list(run.reference.shape), "models": {}}
+    if run.grid:
+        pictures["teacher_row"] = run.heldout.z1[:GRID_COLUMNS].numpy() if run.heldout is not None else None
+    else:
+        pictures["reference"] = run.reference.rows[:SCATTER_POINTS].numpy()
+    return pictures
+
+
+def _metrics(run: _Run, notes: list[str], results: list[dict[str, Any]]) -> dict[str, Any]:
+    settings, heldout = run.settings, run.heldout
+    settings_out = asdict(settings)
+    settings_out.pop("inception_weights")
+    fidelity = None
+    if heldout is not None:
+        fidelity = {"pairs": heldout.path, "rows": len(heldout.z0), "teacher": heldout.provenance.get("teacher")}
+    return {
+        "reflow_version": __version__,
+        "settings": settings_out,
+        "inception_weights": settings.inception_weights,
+        "sample_shape": list(run.reference.shape),
+        "num_reference": len(run.reference.rows),
+        "feature_spaces": {name: FEATURE_SPACES[name] for name in run.reference.spaces},
+        "fidelity": fidelity,
+        "notes": notes,
+        "models": results,
+    }
 
 
 def model_names(paths: list[Path]) -> list[str]:
@@ -423,157 +368,31 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> Evaluation:
-    """Evaluate every model on the same noise, reference and held-out pairs (see the module docstring)."""
+    """Evaluate every model on the same noise, reference and held-out pairs (see the module docstring).
+    ``progress(stage, done, total)`` is called after each NFE, reference solve and diagnostics of a model."""
     settings.check()
     paths = [Path(m) for m in ([models] if isinstance(models, (str, Path)) else models)]
     if not paths:
         raise ReflowError("pass at least one --model")
-    if settings.heldout is None and _is_pairs(settings.reference):
+    if settings.heldout is None and is_pairs(settings.reference):
         settings.heldout = settings.reference
+    # 1. the reference data and its feature spaces, then the held-out pairs
     notes: list[str] = []
-    names = model_names(paths)
-
-    def report(stage: str, done: int, total: int) -> None:
-        if progress:
-            progress(stage, done, total)
-
-    source = load_source(settings.reference)
-    shape = tuple(source.sample_shape)
-    ref = source.reference(settings.num_samples).float()
-    ref_labels = source.reference_labels(settings.num_samples)
-    # per-class W2 compares with every labelled row of the class, however few samples the overall W2 uses
-    class_ref = source.data if source.labels is not None else ref
-    class_labels = source.labels
-    spaces = _feature_spaces(shape, settings, notes)
-    ref_features = {name: extract(ref) for name, extract in spaces.items()}
-    if len(ref) * settings.num_samples > settings.w2_max_cells:
-        notes.append(
-            f"exact W2 skipped: {settings.num_samples} x {len(ref)} samples exceed the {settings.w2_max_cells:,}-cell "
-            "cost matrix limit; lower --num-samples for it"
-        )
-    fidelity = None
-    if settings.heldout is not None:
-        fidelity = _fidelity_pairs(settings, shape)
-    else:
-        notes.append("fidelity to the teacher skipped: pass held-out pairs with --heldout PAIRS")
-
-    noise = {s: row_noise(s, range(settings.num_samples), shape) for s in settings.seeds}
-    diag_z0 = noise[settings.seeds[0]][: settings.diagnostics_samples]
-    grid_z0 = fidelity.z0[:GRID_COLUMNS] if fidelity is not None else noise[settings.seeds[0]][:GRID_COLUMNS]
-    results, pictures = [], {"sample_shape": list(shape), "models": {}}
-    latent = fidelity is not None and fidelity.conditioning == "text"
-    if is_image(shape) and not latent:
-        pictures["teacher_row"] = fidelity.z1[:GRID_COLUMNS].numpy() if fidelity is not None else None
-    else:
-        pictures["reference"] = ref[:SCATTER_POINTS].numpy()
-
-    total = len(paths) * (len(settings.nfes) + 2)
-    done = 0
-    digits = shape == (1, 8, 8)
-    for name, path in zip(names, paths, strict=True):
-        model = _Model(path, settings, device, _guidance(path, settings, fidelity))
-        if model.sample_shape != shape:
-            raise ReflowError(
-                f"{path} makes samples of shape {model.sample_shape} but {settings.reference} holds {shape}"
-            )
-        if fidelity is not None and model.conditioning != fidelity.conditioning:
-            raise ReflowError(
-                f"{path} is {model.conditioning or 'unconditional'} but the held-out pairs {fidelity.path} are "
-                f"{fidelity.conditioning or 'unconditional'}; pass matching pairs with --heldout"
-            )
-        cond = _conditions(model, settings.num_samples, fidelity, ref_labels)
-        held_cond = fidelity.cond if fidelity is not None else None
-        grid_cond = (
-            held_cond[:GRID_COLUMNS] if held_cond is not None else (cond[:GRID_COLUMNS] if cond is not None else None)
-        )
-        entry: dict[str, Any] = {"name": name, "model": str(path), "kind": model.kind, "solver": model.solver}
-        if model.conditioning is not None:
-            entry["conditioning"] = model.conditioning
-        entry["nfe"] = {}
-        pics: dict[str, Any] = {"rows": {}, "scatter": {}}
-        for k in settings.nfes:
-            t0 = time.perf_counter()
-            per_seed, per_class = [], []
-            for s in settings.seeds:
-                x = model.sample(noise[s], k, cond)
-                per_seed.append(_quality(x, ref, ref_features, spaces, settings, s))
-                if model.conditioning == "class":
-                    per_class.append(_per_class(x, cond, class_ref, class_labels, digits))
-                if s == settings.seeds[0] and not is_image(shape):
-                    pics["scatter"][str(k)] = x[:SCATTER_POINTS].numpy()
-            if per_class:
-                for d, c in zip(per_seed, per_class, strict=True):
-                    d.update({key: v for key, v in c.items() if key != "classes"})
-            cell = _over_seeds(per_seed)
-            if per_class:
-                cell["classes"] = per_class[0]["classes"]  # the first seed's breakdown
-            if fidelity is not None:
-                cell["mse_teacher"] = float(((model.sample(fidelity.z0, k, held_cond) - fidelity.z1) ** 2).mean())
-            cell["seconds"] = time.perf_counter() - t0
-            entry["nfe"][str(k)] = cell
-            if is_image(shape) and not latent:  # latents would need the VAE to be pictures
-                pics["rows"][str(k)] = model.sample(grid_z0, k, grid_cond).numpy()
-            done += 1
-            report(f"eval {name}", done, total)
-        seed = settings.seeds[0]
-        solved = model.reference_solve(noise[seed], cond)
-        if solved is not None:
-            quality = _quality(solved[0], ref, ref_features, spaces, settings, seed)
-            if model.conditioning == "class":
-                quality.update(
-                    {
-                        k: v
-                        for k, v in _per_class(solved[0], cond, class_ref, class_labels, digits).items()
-                        if k != "classes"
-                    }
-                )
-            cell = {"solver": solved[2], "nfe": solved[1], "seed": seed, **quality}
-            if fidelity is not None:
-                z1 = model.reference_solve(fidelity.z0, held_cond)[0]
-                cell["mse_teacher"] = float(((z1 - fidelity.z1) ** 2).mean())
-            entry["reference_solve"] = cell
-        done += 1
-        report(f"eval {name}", done, total)
-        diag = model.diagnostics(diag_z0, cond[: len(diag_z0)] if cond is not None else None)
-        if diag is not None:
-            entry.update(
-                straightness=diag["straightness"],
-                curvature=diag["curvature"],
-                adaptive_nfe=diag["adaptive_nfe"],
-                adaptive_tol=settings.adaptive_tol,
-                straightness_steps=diag["steps"],
-                straightness_samples=diag["samples"],
-            )
-            if not is_image(shape) and shape == (2,):
-                pics["trajectories"] = model.trajectories(diag_z0[:TRAJECTORIES])
-        done += 1
-        report(f"eval {name}", done, total)
+    reference = _load_reference(settings, notes)
+    heldout = _load_heldout(settings, reference.shape, notes)
+    # 2. the noise every model starts from
+    noise = {s: row_noise(s, range(settings.num_samples), reference.shape) for s in settings.seeds}
+    classifier = digits_classifier() if reference.shape == (1, 8, 8) else None
+    run = _Run(settings, reference, heldout, noise, device, classifier)
+    # 3. each model: quality and fidelity per NFE, reference solve, flow diagnostics, pictures
+    pictures = _pictures(run)
+    step = _Steps(progress, total=len(paths) * (len(settings.nfes) + 2))
+    results = []
+    for name, path in zip(model_names(paths), paths, strict=True):
+        entry, pics = _evaluate_model(run, name, path, step)
         results.append(entry)
         pictures["models"][name] = pics
-
-    settings_out = asdict(settings)
-    settings_out.pop("inception_weights")
-    metrics = {
-        "reflow_version": __version__,
-        "settings": settings_out,
-        "inception_weights": settings.inception_weights,
-        "sample_shape": list(shape),
-        "num_reference": len(ref),
-        "feature_spaces": {
-            name: (
-                "reflow's bundled digits CNN (64-d penultimate layer, scaled to unit mean variance on the real digits)"
-                if name == "digits"
-                else "Inception-v3 pool3 (2048-d)"
-            )
-            for name in spaces
-        },
-        "fidelity": None
-        if fidelity is None
-        else {"pairs": fidelity.path, "rows": len(fidelity.z0), "teacher": fidelity.provenance.get("teacher")},
-        "notes": notes,
-        "models": results,
-    }
-    return Evaluation(metrics=metrics, pictures=pictures)
+    return Evaluation(metrics=_metrics(run, notes, results), pictures=pictures)
 
 
 def safe_name(name: str) -> str:

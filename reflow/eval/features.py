@@ -1,6 +1,7 @@
-"""A small CNN on scikit-learn's 8x8 digits: the feature space of reflow's digits Fréchet distance / KID.
+"""Feature spaces for the Fréchet distance and KID of images: a small CNN on scikit-learn's 8x8 digits (the
+digits space) and Inception-v3 (see :func:`reflow.eval.metrics.inception_features`).
 
-Images are float (N, 1, 8, 8) in model space [-1, 1] (pixel = value / 8 - 1 from sklearn's 0..16 scale,
+Digit images are float (N, 1, 8, 8) in model space [-1, 1] (pixel = value / 8 - 1 from sklearn's 0..16 scale,
 as returned by :func:`reflow.folders.data.load_digits_array`). :meth:`DigitsNet.features` gives the 64-d
 penultimate activations used for Fréchet distance / KID on generated digits; :meth:`DigitsNet.forward`
 gives the 10 class logits used for classifier agreement on class-conditional samples.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from reflow.core.sampling import is_image
 from reflow.errors import ReflowError
+from reflow.folders.data import load_digits_array
 from reflow.folders.files import BUNDLED
 from reflow.folders.io import atomic_dir
 
@@ -211,3 +214,43 @@ def classify(
     if not out:
         return np.zeros((0,), dtype=np.int64)
     return torch.cat(out).numpy().astype(np.int64)
+
+
+FeatureSpace = Callable[[torch.Tensor], np.ndarray]  # images (N, C, H, W) in [-1, 1] -> features (N, D)
+
+#: What each feature space is, as the evaluation record describes it.
+FEATURE_SPACES = {
+    "digits": "reflow's bundled digits CNN (64-d penultimate layer, scaled to unit mean variance on the real digits)",
+    "inception": "Inception-v3 pool3 (2048-d)",
+}
+
+
+def digits_feature_extractor() -> FeatureSpace:
+    """f(images (N, 1, 8, 8) in [-1, 1]) -> (N, 64) features of the bundled digits network, scaled by one
+    constant so that the 1797 real digits have unit variance per dimension on average (FD and KID then
+    read in units of the real digits' spread rather than of the network's arbitrary activation scale)."""
+    net = bundled_digits_net()
+    real = extract_features(net, load_digits_array())
+    scale = 1.0 / float(np.sqrt(real.var(axis=0, ddof=1).mean()))
+    return lambda x: extract_features(net, x) * scale
+
+
+def digits_classifier() -> Callable[[torch.Tensor], np.ndarray]:
+    """f(images (N, 1, 8, 8) in [-1, 1]) -> (N,) int64 digit labels predicted by the bundled network."""
+    net = bundled_digits_net()
+    return lambda x: classify(net, x)
+
+
+def feature_spaces(shape: tuple[int, ...], inception_weights: str | None = None) -> dict[str, FeatureSpace]:
+    """The feature spaces for images of ``shape`` (C, H, W), by name: "digits" for (1, 8, 8) samples,
+    "inception" when the Inception weights file is given; {} for vectors."""
+    spaces: dict[str, FeatureSpace] = {}
+    if not is_image(shape):
+        return spaces
+    if shape == (1, 8, 8):
+        spaces["digits"] = digits_feature_extractor()
+    if inception_weights is not None:
+        from reflow.eval.metrics import inception_features
+
+        spaces["inception"] = lambda x: inception_features(x, inception_weights)
+    return spaces

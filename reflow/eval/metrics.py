@@ -1,10 +1,13 @@
-"""Sample-quality metrics."""
+"""Sample-quality metrics: exact W2, the Fréchet distance and KID of feature sets, Inception features, and the
+scores of one sample set as an evaluation reports them (quality, spread over seeds, per class)."""
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,6 +175,83 @@ def kernel_distance(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The scores of one sample set, as an evaluation reports them
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sample_quality(
+    x: torch.Tensor,
+    ref: torch.Tensor,
+    ref_features: dict[str, np.ndarray],
+    spaces: dict[str, Callable[[torch.Tensor], np.ndarray]],
+    *,
+    w2_max_cells: int,
+    kid_subsets: int,
+    kid_subset_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """Quality of samples ``x`` against the reference rows ``ref``: ``w2`` (exact, when the len(x) x len(ref)
+    cost matrix has at most ``w2_max_cells`` cells) and, per feature space ``name`` of ``spaces`` (images ->
+    (N, D) features; ``ref_features[name]`` are the reference's), ``fd_name`` and ``kid_name`` (the KID mean
+    over ``kid_subsets`` subsets of ``kid_subset_size`` drawn with ``seed``)."""
+    out: dict[str, float] = {}
+    if len(x) * len(ref) <= w2_max_cells:
+        out["w2"] = w2(x, ref)
+    for name, extract in spaces.items():
+        f = extract(x)
+        out[f"fd_{name}"] = frechet_distance(f, ref_features[name])
+        out[f"kid_{name}"] = kernel_distance(
+            f, ref_features[name], subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+        )[0]
+    return out
+
+
+def over_seeds(per_seed: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean, spread (sample standard deviation; 0 for one seed) and the values of each metric: ``key``,
+    ``key_std`` and ``key_seeds`` for every key of the per-seed dicts."""
+    out: dict[str, Any] = {}
+    for key in per_seed[0]:
+        values = [d[key] for d in per_seed]
+        out[key] = float(np.mean(values))
+        out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        out[f"{key}_seeds"] = values
+    return out
+
+
+def per_class(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    ref: torch.Tensor,
+    ref_labels: torch.Tensor | None,
+    classifier: Callable[[torch.Tensor], np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Class-conditional samples ``x`` drawn for ``labels`` (N,): the classifier's agreement with the labels
+    (when a ``classifier``, images -> (N,) predicted labels, is given) and W2 to the reference rows of the same
+    class (where the reference is labelled by ``ref_labels``), per requested class (``classes``) and overall
+    (``agreement``, ``agreement_min_class``, ``w2_class_mean``)."""
+    out: dict[str, Any] = {}
+    predicted = None
+    if classifier is not None:
+        predicted = torch.from_numpy(classifier(x))
+        out["agreement"] = float((predicted == labels).double().mean())
+    classes: dict[str, Any] = {}
+    for c in sorted(set(labels.tolist())):
+        mine = labels == c
+        cell: dict[str, float] = {"samples": int(mine.sum())}
+        if predicted is not None:
+            cell["agreement"] = float((predicted[mine] == c).double().mean())
+        if ref_labels is not None and int((ref_labels == c).sum()) >= 2 and int(mine.sum()) >= 2:
+            cell["w2"] = w2(x[mine], ref[ref_labels == c])
+        classes[str(c)] = cell
+    out["classes"] = classes
+    if predicted is not None:
+        out["agreement_min_class"] = min(v["agreement"] for v in classes.values())
+    if classes and all("w2" in v for v in classes.values()):
+        out["w2_class_mean"] = float(np.mean([v["w2"] for v in classes.values()]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Inception features
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -188,6 +268,53 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     (x + 1) / 2 gives the same bytes). One grey channel is repeated to three."""
     u8 = (images.to(torch.float64) * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
     return u8.repeat(1, 3, 1, 1) if u8.shape[1] == 1 else u8
+
+
+def _check_images(x: torch.Tensor, batch_size: int) -> None:
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, C, H, W) with C = 1 or 3, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"images must be floating point in [-1, 1], got dtype {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or infinite values")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _inception_state_dict(path: Path) -> io.BytesIO:
+    """The Inception weights file read safely (``weights_only=True``), as an in-memory file of its tensors."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors of every kind: the file is the user's
+        raise ReflowError(
+            f"cannot read Inception weights from {path} ({_one_line(e)}); expected the state dict file "
+            f"weights-inception-2015-12-05-6726825d.pth from {INCEPTION_WEIGHTS_URL}"
+        ) from e
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ReflowError(f"{path} is not a state dict of tensors; expected weights-inception-2015-12-05-6726825d.pth")
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)  # only tensors we loaded with weights_only=True: safe for torch-fidelity's load
+    buffer.seek(0)
+    return buffer
+
+
+def _inception_network(path: Path, device: str | torch.device):
+    """torch-fidelity's FID Inception-v3 with the weights of ``path``, on ``device``."""
+    buffer = _inception_state_dict(path)
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as e:
+        raise ReflowError(f'Inception features need torch-fidelity ({_one_line(e)}): pip install "reflow[fid]"') from e
+    except (RuntimeError, OSError) as e:  # typically a torchvision wheel built for another torch (CUDA vs CPU)
+        raise ReflowError(
+            f"torch-fidelity could not be imported ({_one_line(e)}): install the torchvision build that matches "
+            f"torch {torch.__version__}"
+        ) from e
+    try:
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
+    except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shape mismatch
+        raise ReflowError(f"{path} does not hold FID Inception-v3 weights ({_one_line(e)})") from e
+    return model.to(device)
 
 
 def inception_features(
@@ -223,44 +350,8 @@ def inception_features(
             f"weights-inception-2015-12-05-6726825d.pth, from {INCEPTION_WEIGHTS_URL})"
         )
     x = torch.as_tensor(images)
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, C, H, W) with C = 1 or 3, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"images must be floating point in [-1, 1], got dtype {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError("images contain NaN or infinite values")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors of every kind: the file is the user's
-        raise ReflowError(
-            f"cannot read Inception weights from {path} ({_one_line(e)}); expected the state dict file "
-            f"weights-inception-2015-12-05-6726825d.pth from {INCEPTION_WEIGHTS_URL}"
-        ) from e
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ReflowError(f"{path} is not a state dict of tensors; expected weights-inception-2015-12-05-6726825d.pth")
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError as e:
-        raise ReflowError(f'Inception features need torch-fidelity ({_one_line(e)}): pip install "reflow[fid]"') from e
-    except (RuntimeError, OSError) as e:  # typically a torchvision wheel built for another torch (CUDA vs CPU)
-        raise ReflowError(
-            f"torch-fidelity could not be imported ({_one_line(e)}): install the torchvision build that matches "
-            f"torch {torch.__version__}"
-        ) from e
-
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)  # only tensors we loaded with weights_only=True: safe for torch-fidelity's load
-    buffer.seek(0)
-    del state_dict
-    try:
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
-    except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shape mismatch
-        raise ReflowError(f"{path} does not hold FID Inception-v3 weights ({_one_line(e)})") from e
-    model = model.to(device)
-
+    _check_images(x, batch_size)
+    model = _inception_network(path, device)
     out = np.empty((len(x), 2048), dtype=np.float64)
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
