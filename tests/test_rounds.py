@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 from helpers import cli_ok, free_port
-from reflow.cli.app import app
 from typer.testing import CliRunner
 
+from reflow.cli.app import app
 from reflow.errors import ReflowError
-from reflow.rounds.run import Recipe
+from reflow.rounds import Recipe
 
 RECIPE = """
 name = "tiny-moons"

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-from reflow.cli.app import app
 from typer.testing import CliRunner
 
+from reflow.cli.app import app
 from reflow.errors import ReflowError
-from reflow.folders.settings import check_values
+from reflow.folders.settings import check_values, plain
+from reflow.rounds import Recipe
 from reflow.rounds.quickstart import quickstart_recipe
-from reflow.rounds.run import Recipe
-from reflow.student.loop import TrainConfig, read_toml
+from reflow.student import TrainConfig, read_toml
 
 runner = CliRunner()
 RECIPE = 'name = "t"\nrounds = 2\n[teacher]\ndata = "moons"\n'
@@ -49,6 +49,7 @@ class Example:
         ("nfes", [1, True], "nfes must be a list of integers, got [1, True]"),
         ("extra", "x", "extra must be a table, got 'x'"),
         ("mode", "c", "mode must be one of 'a', 'b', got 'c'"),
+        ("mode", 3, "mode must be a string, got 3"),  # not even a string: told the type, not the choices
     ],
 )
 def test_check_values_refuses(key, value, words):
@@ -63,6 +64,14 @@ def test_check_values_accepts_and_converts():
     assert out["rate"] == 1.0 and isinstance(out["rate"], float)  # an integer where a float is wanted
     assert {k: out[k] for k in values} == {**values, "rate": 1.0}
     assert check_values(Example, {"limit": 4}, "f.toml") == {"limit": 4}
+
+
+def test_plain_leaves_the_choice_to_its_owner():
+    assert check_values(Example, {"mode": "c"}, "f.toml", choices=False) == {"mode": "c"}
+    with pytest.raises(ReflowError, match=r"^f.toml: mode must be a string, got 3$"):
+        check_values(Example, {"mode": 3}, "f.toml", choices=False)
+    assert plain(Literal["a", "b"] | None) == (str | None) and plain(Literal["a"] | None, optional=False) is str
+    assert plain(list[int] | None, optional=False) == list[int]
 
 
 def test_every_bad_value_of_a_table_in_one_line():
@@ -223,6 +232,37 @@ def test_cli_rounds_refuses_before_round_1(tmp_path):
 def test_cli_error_keeps_the_table_name(tmp_path):
     recipe, _, r = bad_round_2(tmp_path)
     assert one_error_line(r) == f"error: {recipe}: [train.round2] lr must be a number, got 'x'"
+
+
+@pytest.mark.parametrize(
+    "raw, digest",
+    [
+        ({"name": "t", "rounds": 2, "teacher": {"data": "moons"}}, "c2376fa7152a7129"),
+        (
+            {
+                "teacher": {"checkpoint": "x", "solver": "dpm", "nfe": 6, "pairs_nfe": 3, "pairs_solver": "ddim"},
+                "pairs": {"labels": [1, 2], "dtype": "float16", "store_embeddings": False},
+                "distill": {"k": [1, 2], "seed": 4},
+                "eval": {"reference": "digits", "nfes": [1]},
+            },
+            "1b8f445e482d2301",
+        ),
+        (  # integers where numbers are wanted are recorded as written
+            {
+                "rounds": 2,
+                "teacher": {"data": "moons", "guidance_scale": 2},
+                "train": {"lr": 1, "grad_clip": 2, "round2": {"seed": 3, "init": "fresh"}},
+                "distill": {"k": 2, "lr": 1},
+                "pairs": {"batch_size": 7},
+            },
+            "12fd9782ac22001b",
+        ),
+    ],
+)
+def test_recipe_digest_never_changes(raw, digest):
+    """A run's manifest holds its recipe's digest and a rerun with another digest is refused, so the digest of a
+    recipe must stay what earlier versions computed (these were computed before the recipe became dataclasses)."""
+    assert Recipe.from_dict(raw).digest() == digest
 
 
 def test_shipped_recipes_and_quickstart_parse():

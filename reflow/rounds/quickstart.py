@@ -15,7 +15,9 @@ from typing import Any
 
 from reflow.errors import ReflowError
 from reflow.folders.files import BUNDLED
-from reflow.rounds.run import Progress, Recipe, run_rounds
+from reflow.rounds.recipe import Recipe
+from reflow.rounds.run import run_rounds
+from reflow.rounds.stages import Progress
 
 BUNDLED_TEACHER = BUNDLED / "teachers" / "digits-ddpm"
 QUICKSTART_NFES = [1, 2, 4]
