@@ -3,7 +3,7 @@
 Three ways to make the same number of samples from the same UNet, at the same batch size, device and
 dtype, with the same number of UNet calls (NFE per sample), timed side by side in one run:
 
-- ours: ``reflow.pairs.generate.generate_pairs`` with a ``DiffusersTeacher``, end to end (seeded per-row noise,
+- ours: ``reflow.pairs.generate_pairs`` with a ``DiffusersTeacher``, end to end (seeded per-row noise,
   the solver loop, the finiteness check, the copies to the host, the Arrow shards written and joined
   into a dataset in a temporary folder);
 - ceiling: a bare loop of the UNet's forward passes only (no solver step, no noise, no storage), the
@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
 from reflow.errors import ReflowError  # noqa: E402
-from reflow.pairs.generate import generate_pairs  # noqa: E402
+from reflow.pairs import generate_pairs  # noqa: E402
 from reflow.teachers.ddpm import DiffusersTeacher  # noqa: E402
 
 DEFAULT_TEACHER = REPO / "data" / "teachers" / "digits-ddpm"

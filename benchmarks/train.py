@@ -3,7 +3,7 @@
 Two ways to train the same velocity model at the same batch size, device and learning rate, timed side by
 side in one run:
 
-- reflow: ``reflow.student.loop.train(TrainConfig(...))``, what ``reflow train`` runs, end to end: Accelerate's
+- reflow: ``reflow.student.train(TrainConfig(...))``, what ``reflow train`` runs, end to end: Accelerate's
   ``prepare``/``accumulate``/``backward``, AdamW, the cosine warmup scheduler, gradient clipping, the EMA
   (diffusers ``EMAModel``, foreach), batches drawn by a background thread (from ``PairsReader`` over the
   Arrow pairs, or from the data source), the loss kept on the device between log steps;
@@ -53,9 +53,9 @@ from reflow.core.flow import flow_matching_loss  # noqa: E402
 from reflow.errors import ReflowError  # noqa: E402
 from reflow.folders.data import load_source  # noqa: E402
 from reflow.models.velocity import build_model, init_model  # noqa: E402
-from reflow.pairs.generate import generate_pairs, load_pairs  # noqa: E402
-from reflow.student.loop import TrainConfig, train  # noqa: E402
-from reflow.teachers.base import load_teacher  # noqa: E402
+from reflow.pairs import generate_pairs, load_pairs  # noqa: E402
+from reflow.student import TrainConfig, train  # noqa: E402
+from reflow.teachers import load_teacher  # noqa: E402
 
 DEFAULT_TEACHER = REPO / "data" / "teachers" / "digits-ddpm"
 # Per workload: (batch size, timed steps). Digits: about 0.3 s a step on one CPU thread at batch 128.

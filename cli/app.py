@@ -6,12 +6,10 @@ Time convention everywhere: t = 0 is noise, t = 1 is data.
 from __future__ import annotations
 
 import functools
-import io
 import os
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -183,7 +181,7 @@ AllowPickle = Annotated[
 
 
 def _training_config(config_file: Path | None, **overrides):
-    from reflow.student.loop import TrainConfig
+    from reflow.student import TrainConfig
 
     if config_file is not None:
         return TrainConfig.from_toml(config_file, **overrides)
@@ -191,7 +189,7 @@ def _training_config(config_file: Path | None, **overrides):
 
 
 def _run_training(config) -> None:
-    from reflow.student.loop import train
+    from reflow.student import train
 
     with _Bar("train") as bar:
 
@@ -392,17 +390,13 @@ def generate_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
 ) -> None:
     """Run a teacher on seeded noise and store the coupled pairs (sharded; rerun the same command to resume)."""
-    from reflow.folders.kinds import is_diffusers_checkpoint
     from reflow.folders.prompts import read_prompts
-    from reflow.pairs.generate import check_generate_args, generate_pairs
-    from reflow.teachers.base import load_teacher
+    from reflow.pairs import check_generate_args, generate_pairs
+    from reflow.teachers import load_teacher
 
     check_generate_args(num_pairs=num_pairs, batch_size=batch_size, shard_size=shard_size, dtype=dtype, seed=seed)
     if nfe is not None and nfe < 1:
         raise ReflowError(f"--nfe must be at least 1, got {nfe}")
-    is_diffusers = is_diffusers_checkpoint(teacher)
-    solver = solver or ("ddim" if is_diffusers else "euler")
-    nfe = nfe if nfe is not None else (50 if is_diffusers else 100)
     settings = (
         ("timestep_spacing", timestep_spacing),
         ("clip_sample", clip_sample),
@@ -453,7 +447,7 @@ def verify_pairs_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights you trust.")] = False,
 ) -> None:
     """Re-run the recorded teacher on sampled rows and report the largest difference (exit 1 if too large)."""
-    from reflow.pairs.generate import verify_pairs
+    from reflow.pairs import verify_pairs
 
     report = verify_pairs(pairs, rows, seed=seed, device=_device(), allow_pickle=allow_pickle)
     if report["files_checked"]:
@@ -503,110 +497,17 @@ def sample_cmd(
 ) -> None:
     """Draw samples from a flow model in K network calls (conditional models: with --labels or --prompts;
     the labels or prompts used go to OUT with .labels.npy / .prompts.txt in place of .npy)."""
-    import torch
+    from reflow.eval import check_sample_output, check_sample_settings, sample, write_samples
 
-    from reflow.core.noise import row_noise
-    from reflow.core.sampling import sample
-    from reflow.core.solvers import SOLVERS
-    from reflow.folders.io import atomic_write_bytes, claim_output, mark_output, output_owner
-    from reflow.models.velocity import load_model
-
-    if solver not in SOLVERS:
-        raise ReflowError(f"--solver must be one of {', '.join(SOLVERS)}")
-    if nfe < 1:
-        raise ReflowError(f"--nfe must be at least 1, got {nfe}")
-    if (num is None) == (noise is None):
-        raise ReflowError("give exactly one of --num (with --seed) or --noise z0.npy")
-    if batch_size < 1:
-        raise ReflowError(f"--batch-size must be at least 1, got {batch_size}")
-    if out.suffix != ".npy":
-        raise ReflowError(f"--out must end in .npy, got {out}")
-    claim_output(out, "sample", kind="file", inputs=[model, noise])
-    extras = [out.with_suffix(".labels.npy"), out.with_suffix(".prompts.txt")]
-    for extra_file in extras:
-        if noise is not None and extra_file.resolve() == noise.resolve():
-            raise ReflowError(f"--out {out} would write {extra_file}, the --noise input; pick another --out")
-        if extra_file.exists() and output_owner(out, "file") != "sample":
-            raise ReflowError(f"{extra_file} exists and was not written by `reflow sample`; pick a new --out")
-    m = load_model(model, allow_pickle=allow_pickle).to(_device()).eval()
-    shape = tuple(m.sample_shape)
-    if noise is not None:
-        if not noise.is_file():
-            raise ReflowError(f"no such file: {noise} (pass a .npy array of noise)")
-        try:
-            arr = np.load(noise, allow_pickle=False)
-        except ValueError as e:
-            raise ReflowError(f"{noise}: not a plain numeric .npy array ({e})") from None
-        if arr.ndim < 1 or tuple(arr.shape[1:]) != shape:
-            raise ReflowError(f"{noise} has shape {arr.shape}; this model needs (N, {', '.join(map(str, shape))})")
-        if len(arr) == 0:
-            raise ReflowError(f"{noise} holds no rows (shape {arr.shape}); pass at least one noise row")
-        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-            raise ReflowError(f"{noise} holds {arr.dtype} values; pass real-valued float noise")
-        if not np.isfinite(arr).all():
-            raise ReflowError(f"{noise} contains NaN or inf values; pass finite noise")
-        z0 = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    else:
-        if num < 1:
-            raise ReflowError(f"--num must be at least 1, got {num}")
-        z0 = row_noise(seed, range(num), shape)
-    conditioning = getattr(m, "conditioning", None)
-    cond, extra = None, None
-    if conditioning == "class":
-        if not labels:
-            raise ReflowError(f"{model} is class-conditional ({m.num_classes} classes): pass --labels 0,1,2")
-        classes = _parse_ints(labels, "--labels")
-        bad = [c for c in classes if not 0 <= c < m.num_classes]
-        if bad:
-            raise ReflowError(f"--labels {bad} out of range: this model has classes 0..{m.num_classes - 1}")
-        y = torch.tensor([classes[i % len(classes)] for i in range(len(z0))], dtype=torch.long)
-        cond = {"class_labels": y}
-        buf = io.BytesIO()
-        np.save(buf, y.numpy())
-        extra = (out.with_suffix(".labels.npy"), buf.getvalue())
-    elif conditioning == "text":
-        if prompts is None:
-            raise ReflowError(f"{model} is a text-to-image model: pass --prompts FILE (one prompt per line)")
-        from reflow.folders.prompts import read_prompts
-        from reflow.models.text import PromptEncoder
-
-        texts = read_prompts(prompts)
-        texts = [texts[i % len(texts)] for i in range(len(z0))]
-        cond = {"encoder_hidden_states": PromptEncoder(model, allow_pickle=allow_pickle)(texts)}
-        extra = (out.with_suffix(".prompts.txt"), ("\n".join(texts) + "\n").encode())
-    elif labels or prompts is not None:
-        raise ReflowError(f"{model} is unconditional; drop --labels / --prompts")
-    if decode and conditioning != "text":
-        raise ReflowError("--decode applies to text-to-image (latent) models only")
-    latent = conditioning == "text"
-    sol = sample(m, z0, nfe, solver, batch_size=batch_size, device=_device(), clamp=not latent, cond=cond)
-    z1 = sol.z1
-    if decode:
-        from reflow.models.text import decode_latents
-
-        z1 = decode_latents(model, z1, allow_pickle=allow_pickle)
-    bad = int((~torch.isfinite(z1)).flatten(1).any(1).sum())
-    if bad:
-        raise ReflowError(f"{model} produced NaN or inf in {bad} of {len(z1)} samples; nothing written (check it)")
-    buf = io.BytesIO()
-    np.save(buf, z1.numpy().astype(np.float32))
-    if extra is not None:
-        atomic_write_bytes(*extra)
-    atomic_write_bytes(out, buf.getvalue())
-    mark_output(
-        out,
-        "sample",
-        kind="file",
-        model=str(model),
-        nfe=nfe,
-        solver=solver,
-        count=len(z0),
-        seed=None if noise is not None else seed,
-        noise=None if noise is None else str(noise),
-    )
-    console.print(
-        f"wrote [bold]{out}[/bold]: {len(z0)} samples of shape {tuple(z1.shape[1:])}, {sol.nfe} network calls"
-    )
+    check_sample_settings(nfe, num=num, noise=noise, solver=solver, batch_size=batch_size)
+    check_sample_output(out, model, noise)
+    result = sample(
+        model, nfe, num=num, seed=seed, noise=noise, labels=labels, prompts=prompts, solver=solver,
+        batch_size=batch_size, device=_device(), decode=decode, allow_pickle=allow_pickle,
+    )  # fmt: skip
+    write_samples(result, out)
+    count, shape = len(result.samples), result.samples.shape[1:]
+    console.print(f"wrote [bold]{out}[/bold]: {count} samples of shape {shape}, {result.nfe} network calls")
 
 
 def report_tables(metrics: dict) -> list[Table]:
@@ -681,8 +582,7 @@ def eval_cmd(
     report comparing every --model from the same noise. Class-conditional models: samples cycle through the
     classes, with per-class W2 and (digits) classifier agreement; text-to-image models: the prompts of the
     --heldout pairs, quality in latent space against --reference (the pairs' z1)."""
-    from reflow.eval.evaluate import EvalSettings, evaluate
-    from reflow.eval.report import write_report
+    from reflow.eval import EvalSettings, evaluate, write_report
     from reflow.folders.io import claim_output
 
     settings = EvalSettings(

@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_flow(tmp_path_factory):
     """A tiny 2-D flow model trained for a few steps through the real training code."""
-    from reflow.student.loop import TrainConfig, train
+    from reflow.student import TrainConfig, train
 
     out = tmp_path_factory.mktemp("models") / "tiny-1rf"
     train(

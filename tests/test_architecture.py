@@ -187,9 +187,7 @@ def functions() -> list[tuple[str, int, str]]:
         tree = ast.parse(source)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                owner = next(
-                    (c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and node in c.body), None
-                )
+                owner = next((c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and node in c.body), None)
                 key = f"{owner}.{node.name}" if owner else node.name
                 out.append((f"{name}.{key}", body_lines(node), grades.get((key, node.lineno), "A")))
     return out

@@ -11,17 +11,17 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from helpers import assert_f32_close, cli_ok, f32_atol
-from reflow.cli.app import app
-from reflow.pipelines.class_conditional import ReflowClassConditionalPipeline
 from test_diffusers_teacher import tiny_unet
 from typer.testing import CliRunner
 
+from reflow.cli.app import app
 from reflow.core.noise import row_labels, row_noise
 from reflow.core.sampling import sample
 from reflow.errors import ReflowError
 from reflow.models.velocity import load_model
-from reflow.pairs.generate import PairsReader, load_pairs
-from reflow.teachers.base import load_teacher
+from reflow.pairs import PairsReader, load_pairs
+from reflow.pipelines.class_conditional import ReflowClassConditionalPipeline
+from reflow.teachers import load_teacher
 from reflow.teachers.ddpm import DiffusersTeacher
 
 runner = CliRunner()
@@ -102,7 +102,7 @@ def test_guidance_errors(tmp_path, teacher_dir):
     with pytest.raises(ReflowError, match="finite number"):
         DiffusersTeacher(teacher_dir, nfe=2, guidance_scale=float("nan"))
     with pytest.raises(ReflowError, match="unconditional label"):
-        from reflow.pairs.generate import generate_pairs
+        from reflow.pairs import generate_pairs
 
         generate_pairs(DiffusersTeacher(teacher_dir, nfe=2), tmp_path / "p", 4, labels=[NULL])
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from helpers import F32_C_ELEMENTWISE, assert_f32_close, f32_atol, f32_tol
-from reflow.cli.app import app
-from reflow.pipelines.export import student_scheduler
 from safetensors.torch import load_file
 from test_diffusers_teacher import save, tiny_unet
 from typer.testing import CliRunner
 
+from reflow.cli.app import app
 from reflow.errors import ReflowError
 from reflow.models.velocity import UNetFlow, init_model, load_model
-from reflow.pairs.generate import generate_pairs
-from reflow.student.loop import TrainConfig, train
-from reflow.teachers.base import load_teacher
+from reflow.pairs import generate_pairs
+from reflow.pipelines.export import student_scheduler
+from reflow.student import TrainConfig, train
+from reflow.teachers import load_teacher
 
 runner = CliRunner()
 TRAIN = dict(batch_size=16, log_every=2, checkpoint_every=1000, lr=1e-3)
@@ -120,7 +120,7 @@ def test_student_is_a_teacher_for_the_next_round(student, tmp_path):
 
 def test_distill_one_step_improves_fidelity_to_the_teacher(student, pairs, tmp_path):
     from reflow.core.sampling import sample
-    from reflow.pairs.generate import load_pairs
+    from reflow.pairs import load_pairs
 
     data = load_pairs(pairs)
 

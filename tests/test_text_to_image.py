@@ -11,14 +11,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from helpers import assert_f32_close, cli_ok, f32_atol
-from reflow.cli.app import app
 from tiny_sd import TINY_SD_EMBED_SHAPE, make_tiny_sd
 from typer.testing import CliRunner
 
+from reflow.cli.app import app
 from reflow.core.noise import row_noise
 from reflow.models.text import PromptEncoder
 from reflow.models.velocity import load_model
-from reflow.pairs.generate import PairsReader, load_pairs
+from reflow.pairs import PairsReader, load_pairs
 
 runner = CliRunner()
 PROMPTS = ["a cat", "the red house at night", "an owl"]

@@ -10,17 +10,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from reflow.cli.app import app
-from reflow.pipelines.export import save_student
 from safetensors.torch import load_file
 from test_diffusers_teacher import tiny_unet
 from typer.testing import CliRunner
 
+from reflow.cli.app import app
 from reflow.errors import ReflowError
 from reflow.eval.features import DigitsNet, load_feature_net, save_feature_net
 from reflow.folders.weights import WEIGHTS_RECORD, record_weights
 from reflow.models.velocity import UNetFlow, init_model, load_model
-from reflow.teachers.base import load_teacher
+from reflow.pipelines.export import save_student
+from reflow.teachers import load_teacher
 
 runner = CliRunner()
 CHANGED = "changed after it was written (sha256 mismatch); re-export or re-train the model"

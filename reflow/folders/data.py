@@ -110,7 +110,7 @@ def _from_array(name: str, arr: np.ndarray) -> DataSource:
 _PREFERRED_COLUMNS = ("z1", "image", "images", "img", "x", "sample", "samples", "data")
 
 
-def _from_datasets_folder(path: Path, column: str | None) -> DataSource:
+def _open_dataset(path: Path):
     import datasets
 
     try:
@@ -118,8 +118,12 @@ def _from_datasets_folder(path: Path, column: str | None) -> DataSource:
     except Exception as e:  # datasets raises FileNotFoundError / ValueError on foreign folders
         raise ReflowError(f"{path} is not a folder written by datasets' save_to_disk ({type(e).__name__})") from None
     if isinstance(ds, datasets.DatasetDict):
-        split = "train" if "train" in ds else next(iter(ds))
-        ds = ds[split]
+        ds = ds["train" if "train" in ds else next(iter(ds))]
+    return ds
+
+
+def _sample_column(path: Path, ds, column: str | None) -> str:
+    """The column that holds the samples: the one named, else z1 / image / x, else the only column."""
     if column is None:
         column = next((c for c in _PREFERRED_COLUMNS if c in ds.column_names), None)
     if column is None and len(ds.column_names) == 1:
@@ -129,19 +133,30 @@ def _from_datasets_folder(path: Path, column: str | None) -> DataSource:
             f"{path}: cannot tell which column holds the samples (columns: {', '.join(ds.column_names)}); "
             "name one with a column called z1, image or x"
         )
-    feature = ds.features[column]
-    if isinstance(feature, datasets.Image):
+    return column
+
+
+def _column_array(path: Path, ds, column: str) -> np.ndarray:
+    """The column as one float array: images to [-1, 1] NCHW, arrays as stored."""
+    import datasets
+
+    if isinstance(ds.features[column], datasets.Image):
         arrs = [np.asarray(im.convert("L" if im.mode in ("L", "1", "P") else "RGB")) for im in ds[column]]
         arr = np.stack(arrs).astype(np.float32) / 127.5 - 1.0
-        arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
-    else:
-        try:
-            arr = np.asarray(ds.with_format("numpy")[column])
-        except Exception as e:
-            raise ReflowError(f"{path}: column {column!r} is not a fixed-shape numeric array ({e})") from None
-        if arr.dtype == object:
-            raise ReflowError(f"{path}: column {column!r} has rows of different shapes; samples need one shape")
-    out = _from_array(f"{path}[{column}]", arr)
+        return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+    try:
+        arr = np.asarray(ds.with_format("numpy")[column])
+    except Exception as e:
+        raise ReflowError(f"{path}: column {column!r} is not a fixed-shape numeric array ({e})") from None
+    if arr.dtype == object:
+        raise ReflowError(f"{path}: column {column!r} has rows of different shapes; samples need one shape")
+    return arr
+
+
+def _from_datasets_folder(path: Path, column: str | None) -> DataSource:
+    ds = _open_dataset(path)
+    column = _sample_column(path, ds, column)
+    out = _from_array(f"{path}[{column}]", _column_array(path, ds, column))
     if "label" in ds.column_names and column != "label":
         labels = np.asarray(ds.with_format("numpy")["label"])
         if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
