@@ -29,8 +29,9 @@ def import_or_skip(name: str):
 
 def cli_ok(*args):
     """Run the reflow CLI in-process with these arguments (stringified) and check it exits 0."""
-    from reflow.cli.app import app
     from typer.testing import CliRunner
+
+    from reflow.cli.app import app
 
     r = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert r.exit_code == 0, r.output

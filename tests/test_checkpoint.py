@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import cli_ok, free_port
+from helpers import assert_f32_close, cli_ok, free_port
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -515,7 +515,7 @@ def test_two_process_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     a, b = weights(tmp_path / "one"), weights(out)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+        assert_f32_close(b[k], a[k], steps=12)  # two processes' all-reduce sums in another order
 
 
 def test_differences_name_each_setting_and_both_values():

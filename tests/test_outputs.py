@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-from reflow.cli.app import app
 from typer.testing import CliRunner
 
+from reflow.cli.app import app
 from reflow.errors import ReflowError
 from reflow.folders.io import MARKER, atomic_dir, check_writable, claim_output, clean_debris, mark_output
 

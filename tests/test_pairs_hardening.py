@@ -14,6 +14,7 @@ import time
 import datasets
 import numpy as np
 import pytest
+from helpers import f32_atol
 from typer.testing import CliRunner
 
 from reflow.cli.app import app
@@ -187,7 +188,9 @@ def test_a_kill_in_the_final_join_leaves_nothing_the_next_run_trips_on(tiny_flow
         assert (out / "reflow_pairs.json").is_file() and (tmp_path / "p.partial" / "run.json").is_file()
     generate_pairs(teacher(tiny_flow), out, 200, batch_size=50, shard_size=100)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
-    assert len(rows(out)["z0"]) == 200 and verify_pairs(out, rows=4)["max_abs_diff_z1"] < 1e-5
+    assert len(rows(out)["z0"]) == 200 and verify_pairs(out, rows=4)["max_abs_diff_z1"] <= f32_atol(
+        rows(out)["z1"], steps=4
+    )
 
 
 def test_resume_removes_dead_writers_half_shards_and_keeps_live_ones(tiny_flow, tmp_path):

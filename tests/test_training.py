@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import free_port
+from helpers import assert_f32_close, free_port
 from safetensors.torch import load_file
 
 from reflow.errors import ReflowError
@@ -233,7 +233,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+        assert_f32_close(b[k], a[k], steps=15)  # two processes' all-reduce sums in another order
 
 
 def test_tensorboard_logs_and_max_pairs(tiny_flow, tmp_path):
