@@ -10,6 +10,13 @@ is fastest for these tiny models, as on a busy 2-core machine OpenMP barriers be
 the arithmetic.
 """
 
+import sys
+from pathlib import Path
+
+# Tests live in one folder per package (tests/core, tests/pairs, ...), as the code does; the helpers they share
+# (helpers.py, ddpm_helpers.py, tiny_sd.py) stay here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import os
 
 from helpers import threads_for_tests

@@ -87,6 +87,7 @@ KILLER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # SIGKILL / torchrun: runs in CI's second step (pytest -m slow)
 def test_sigkill_then_rerun_gives_the_uninterrupted_rows(tiny_flow, tmp_path):
     clean = generate_pairs(
         FlowTeacher(tiny_flow, nfe=4), tmp_path / "clean", 1000, seed=2, batch_size=50, shard_size=100
@@ -107,6 +108,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_rows(tiny_flow, tmp_path):
     assert not partial.exists()
 
 
+@pytest.mark.slow  # SIGKILL / torchrun: runs in CI's second step (pytest -m slow)
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
     reason="no torchrun",
@@ -159,8 +161,8 @@ def test_load_pairs_errors(tmp_path):
 
 
 def test_class_conditional_pairs_labels_and_verify(tmp_path):
+    from ddpm_helpers import ddim_reference, save, tiny_unet
     from diffusers import DDPMScheduler
-    from test_diffusers_teacher import ddim_reference, save, tiny_unet
 
     from reflow.pairs import verify_pairs
     from reflow.teachers import load_teacher

@@ -58,6 +58,7 @@ KILL = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # SIGKILL / torchrun: runs in CI's second step (pytest -m slow)
 def test_two_rounds_killed_midway_resume_and_complete(tmp_path):
     recipe, run = tmp_path / "recipe.toml", tmp_path / "run"
     recipe.write_text(RECIPE)
@@ -145,6 +146,7 @@ def test_shipped_recipes_parse():
         assert recipe.rounds >= 1 and recipe.eval["nfes"]
 
 
+@pytest.mark.slow  # SIGKILL / torchrun: runs in CI's second step (pytest -m slow)
 def test_rounds_under_torchrun_match_one_process(tmp_path):
     """The same recipe under `torchrun --nproc_per_node 2` (gloo on CPU): pairs split by shard, training
     on the same global batches, reports on the main process; the models equal a one-process run's."""
@@ -184,8 +186,8 @@ def test_rounds_under_torchrun_match_one_process(tmp_path):
 def test_checkpoint_recipe_pairs_nfe_and_several_distilled_students(tmp_path):
     """A diffusers checkpoint teacher whose round-1 pairs use another NFE than its reference (the held-out
     pairs and the teacher's report keep ``nfe``), distilled to one and to two steps in one run."""
+    from ddpm_helpers import save, tiny_unet
     from diffusers import DDPMScheduler
-    from test_diffusers_teacher import save, tiny_unet
 
     teacher = save(tmp_path, "ddpm", tiny_unet(), DDPMScheduler(num_train_timesteps=100))
     recipe = tmp_path / "recipe.toml"

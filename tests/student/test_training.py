@@ -143,6 +143,7 @@ RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # SIGKILL / torchrun: runs in CI's second step (pytest -m slow)
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     clean = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "clean"), "0"], capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr[-2000:]
@@ -203,6 +204,7 @@ def test_bad_settings(tmp_path, kw, msg):
         train(TrainConfig(**base))
 
 
+@pytest.mark.slow  # SIGKILL / torchrun: runs in CI's second step (pytest -m slow)
 def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     import os
 

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ddpm_helpers import tiny_unet
 from safetensors.torch import load_file
-from test_diffusers_teacher import tiny_unet
 from typer.testing import CliRunner
 
 from reflow.cli.app import app

@@ -86,6 +86,7 @@ SLOW = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # SIGKILL / torchrun: runs in CI's second step (pytest -m slow)
 def test_second_run_is_refused_while_the_first_holds_the_lock_then_takes_over_when_it_dies(tiny_flow, tmp_path):
     out, flag = tmp_path / "p", tmp_path / "started"
     proc = subprocess.Popen([sys.executable, "-c", SLOW, str(tiny_flow), str(out), str(flag)], stderr=subprocess.PIPE)
@@ -176,6 +177,7 @@ KILL_AT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # SIGKILL / torchrun: runs in CI's second step (pytest -m slow)
 @pytest.mark.parametrize("where", ["join", "after-rename"])
 def test_a_kill_in_the_final_join_leaves_nothing_the_next_run_trips_on(tiny_flow, tmp_path, where):
     out = tmp_path / "p"

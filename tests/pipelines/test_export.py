@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from ddpm_helpers import save, tiny_unet
 from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from helpers import F32_C_ELEMENTWISE, assert_f32_close, f32_atol, f32_tol
 from safetensors.torch import load_file
-from test_diffusers_teacher import save, tiny_unet
 from typer.testing import CliRunner
 
 from reflow.cli.app import app

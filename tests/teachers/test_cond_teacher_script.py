@@ -14,7 +14,7 @@ from helpers import assert_f32_close
 from reflow.core.noise import row_noise
 from reflow.teachers.ddpm import DiffusersTeacher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "data" / "train_digits_cond_teacher.py"
 BUNDLED = REPO / "data" / "teachers" / "digits-cond-ddpm"
 

@@ -10,7 +10,7 @@ from helpers import assert_f32_close
 from reflow.core.noise import row_noise
 from reflow.teachers import load_teacher
 
-BUNDLED = Path(__file__).resolve().parents[1] / "data" / "teachers" / "digits-ddpm"
+BUNDLED = Path(__file__).resolve().parents[2] / "data" / "teachers" / "digits-ddpm"
 
 
 @pytest.fixture(scope="module")

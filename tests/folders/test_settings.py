@@ -266,7 +266,7 @@ def test_recipe_digest_never_changes(raw, digest):
 
 
 def test_shipped_recipes_and_quickstart_parse():
-    recipes = sorted((Path(__file__).resolve().parent.parent / "data" / "recipes").glob("*.toml"))
+    recipes = sorted((Path(__file__).resolve().parents[2] / "data" / "recipes").glob("*.toml"))
     assert len(recipes) >= 5
     for path in recipes:
         Recipe.from_toml(path)

@@ -186,8 +186,8 @@ def test_help_and_version():
 
 
 def test_generate_from_diffusers_checkpoint_and_verify(tmp_path):
+    from ddpm_helpers import save, tiny_unet
     from diffusers import DDPMScheduler
-    from test_diffusers_teacher import save, tiny_unet
 
     folder = save(tmp_path, "ddpm", tiny_unet(), DDPMScheduler(clip_sample=True))
     r = invoke(

@@ -167,4 +167,4 @@ def test_bad_config_is_a_one_line_reflow_error(tmp_path):
 
 
 def test_module_path_points_into_the_checkout():
-    assert BUNDLED_DIGITS_FEATURES == Path(__file__).resolve().parents[1] / "data" / "features" / "digits-cnn"
+    assert BUNDLED_DIGITS_FEATURES == Path(__file__).resolve().parents[2] / "data" / "features" / "digits-cnn"

@@ -9,9 +9,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from ddpm_helpers import tiny_unet
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from helpers import assert_f32_close, cli_ok, f32_atol
-from test_diffusers_teacher import tiny_unet
 from typer.testing import CliRunner
 
 from reflow.cli.app import app
