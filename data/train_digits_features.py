@@ -1,7 +1,7 @@
 """Train the bundled digits feature network: a small CNN classifier on scikit-learn's 8x8 digits.
 
 Its 64-d penultimate layer is the feature space of reflow's digits Fréchet distance / KID, and its logits
-check class agreement of class-conditional samples. See ``reflow/features.py``.
+check class agreement of class-conditional samples. See ``reflow/eval/features.py``.
 
 Data: ``reflow.folders.data.load_digits_array()`` (float32 (1797, 1, 8, 8) in [-1, 1]) with the labels of
 ``sklearn.datasets.load_digits``, split 80/20 by ``train_test_split(..., test_size=0.2,
