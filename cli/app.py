@@ -180,12 +180,20 @@ AllowPickle = Annotated[
 ]
 
 
-def _training_config(config_file: Path | None, **overrides):
+def _training_config(flags: dict, **renamed: str):
+    """A TrainConfig from a training command's flags (its ``locals()``): paths as strings; flags left unset
+    (None, or False for --resume / --allow-pickle) come from the --config file or the defaults; set flags
+    win over the file. ``renamed``: flag name -> TrainConfig name (distill's --k is ``distill_k``)."""
     from reflow.student import TrainConfig
 
+    flags = dict(flags)
+    config_file = flags.pop("config")
+    for flag, name in renamed.items():
+        flags[name] = flags.pop(flag)
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None and v is not False}
     if config_file is not None:
         return TrainConfig.from_toml(config_file, **overrides)
-    return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**overrides)
 
 
 def _run_training(config) -> None:
@@ -250,28 +258,7 @@ def train_cmd(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Train a flow: from data (round 1, independent coupling) or from teacher pairs (reflow)."""
-    cfg = _training_config(
-        config,
-        out=str(out),
-        data=data,
-        pairs=str(pairs) if pairs else None,
-        init=str(init) if init else None,
-        model_config=str(model_config) if model_config else None,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        resume=resume or None,
-        mixed_precision=mixed_precision,
-        log_with=log_with,
-        time_sampler=time_sampler,
-        loss=loss,
-        ema_decay=ema_decay,
-        max_pairs=max_pairs,
-        allow_pickle=allow_pickle or None,
-    )
-    _run_training(cfg)
+    _run_training(_training_config(locals()))
 
 
 @app.command("distill")
@@ -296,26 +283,7 @@ def distill_cmd(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Distill a student into a k-step generator: regress its k-step Euler output from z0 onto the teacher's z1."""
-    cfg = _training_config(
-        config,
-        out=str(out),
-        pairs=str(pairs),
-        init=str(init),
-        distill_k=k,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        resume=resume or None,
-        mixed_precision=mixed_precision,
-        log_with=log_with,
-        loss=loss,
-        ema_decay=ema_decay,
-        max_pairs=max_pairs,
-        allow_pickle=allow_pickle or None,
-    )
-    _run_training(cfg)
+    _run_training(_training_config(locals(), k="distill_k"))
 
 
 @app.command("generate")
