@@ -178,6 +178,10 @@ AllowPickle = Annotated[
     bool,
     typer.Option("--allow-pickle", help="Load pickle (.bin) weights of --init you trust.", rich_help_panel="Model"),
 ]
+AllowPickleModels = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Load pickle (.bin) weights of models you trust (ours never need it)."),
+]
 
 
 def _training_config(flags: dict, **renamed: str):
@@ -461,7 +465,7 @@ def sample_cmd(
     decode: Annotated[
         bool, typer.Option("--decode", help="Text-to-image models: write VAE-decoded images in [-1, 1], not latents.")
     ] = False,
-    allow_pickle: AllowPickle = False,
+    allow_pickle: AllowPickleModels = False,
 ) -> None:
     """Draw samples from a flow model in K network calls (conditional models: with --labels or --prompts;
     the labels or prompts used go to OUT with .labels.npy / .prompts.txt in place of .npy)."""
@@ -544,7 +548,7 @@ def eval_cmd(
     null_label: Annotated[
         int | None, typer.Option(help="Class-conditional checkpoints: the unconditional class for guidance.")
     ] = None,
-    allow_pickle: AllowPickle = False,
+    allow_pickle: AllowPickleModels = False,
 ) -> None:
     """Few-step quality (W2; FD/KID in a feature space), fidelity to the teacher and straightness, as one
     report comparing every --model from the same noise. Class-conditional models: samples cycle through the
