@@ -5,14 +5,14 @@ Every file is written to a temporary name and renamed, so a killed run leaves no
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from reflow.eval.evaluate import Evaluation, safe_name
-from reflow.folders.io import atomic_write_json, atomic_write_text, mark_output
+from reflow.folders.io import atomic_write_bytes, atomic_write_json, atomic_write_text, clean_folder_debris, mark_output
 
 LABELS = {
     "w2": "W2 to data",
@@ -131,12 +131,9 @@ def report_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _plot_quality(metrics: dict[str, Any], out: Path) -> str | None:
@@ -258,8 +255,7 @@ def write_report(report: str | Path, evaluation: Evaluation, *, figures: bool = 
     """Write REPORT/metrics.json, REPORT/report.md and (``figures``) the PNGs; returns metrics.json's path."""
     out = Path(report)
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(".*.tmp*"):  # a killed or failed earlier write (a full disk, say)
-        leftover.unlink(missing_ok=True)
+    clean_folder_debris(out)  # a killed or failed earlier write (a full disk, say)
     mark_output(out, "eval")
     files = write_figures(evaluation, out) if figures else []
     metrics = dict(evaluation.metrics, figures=files)

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -52,23 +53,43 @@ def writer_alive(host: str, pid: int) -> bool:
     return host != socket.gethostname().replace("-", "_") or _pid_alive(pid)
 
 
+_DEBRIS = re.compile(r"\.(?P<name>.+?)\.(?:(?:tmp|old)-(?P<owner>.+)|tmp\..*|tmp)")
+"""``.NAME.tmp-HOST-PID-RANDOM`` / ``.NAME.old-...`` (ours), ``.NAME.tmp.*`` / ``.NAME.tmp`` (older versions')."""
+
+
+def _dead_debris(entry: Path) -> str | None:
+    """The output name ``entry`` is a temporary of, when its writer is dead (or unknown: older versions)."""
+    m = _DEBRIS.fullmatch(entry.name)
+    if m is None:
+        return None
+    parts = (m["owner"] or "").rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit() and writer_alive(parts[0], int(parts[1])):
+        return None
+    return m["name"]
+
+
+def _remove(entry: Path) -> None:
+    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(True)
+
+
 def clean_debris(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary siblings of ``path`` (``.NAME.tmp-*``, ``.NAME.old-*``) whose writer on this
     host is dead, and ``.NAME.tmp.*`` files of older versions; returns what was removed."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    removed = []
-    for p in path.parent.glob(f".{path.name}.*"):
-        rest = p.name[len(path.name) + 2 :]
-        tag, _, owner = rest.partition("-")
-        if tag not in ("tmp", "old") and not rest.startswith("tmp."):
-            continue
-        parts = owner.rsplit("-", 2)
-        if len(parts) == 3 and parts[1].isdigit() and writer_alive(parts[0], int(parts[1])):
-            continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-        removed.append(p)
+    removed = [p for p in path.parent.glob(f".{path.name}.*") if _dead_debris(p) == path.name]
+    for p in removed:
+        _remove(p)
+    return removed
+
+
+def clean_folder_debris(folder: str | os.PathLike) -> list[Path]:
+    """:func:`clean_debris` for every output inside ``folder`` (a report folder a killed run wrote into)."""
+    folder = Path(folder)
+    removed = [p for p in folder.glob(".*") if _dead_debris(p) is not None] if folder.is_dir() else []
+    for p in removed:
+        _remove(p)
     return removed
 
 
@@ -83,12 +104,18 @@ def mark_output(path: str | os.PathLike, command: str, kind: Literal["dir", "fil
     atomic_write_json(_marker_file(Path(path), kind), {"command": command, "reflow_version": __version__, **info})
 
 
+def read_marker(path: str | os.PathLike, kind: Literal["dir", "file"] = "dir") -> dict[str, Any] | None:
+    """What ``mark_output`` recorded for ``path``, or None when there is no readable marker."""
+    try:
+        marker = json.loads(_marker_file(Path(path), kind).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
 def output_owner(path: str | os.PathLike, kind: Literal["dir", "file"] = "dir") -> str | None:
     """The command recorded in ``path``'s marker, or None when there is no readable marker."""
-    try:
-        return json.loads(_marker_file(Path(path), kind).read_text()).get("command")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_marker(path, kind) or {}).get("command")
 
 
 def _nearest_existing(path: Path) -> Path:

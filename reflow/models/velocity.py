@@ -18,7 +18,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from reflow.errors import ReflowError
-from reflow.folders.files import read_json
+from reflow.folders.files import first_line, read_json
 from reflow.folders.kinds import is_diffusers_checkpoint, is_flow_pipeline
 from reflow.folders.weights import check_weights, use_safetensors
 
@@ -295,7 +295,7 @@ def _why(error: BaseException) -> str:
     text = str(error).strip()
     if text.startswith("Unable to load weights from checkpoint file"):
         return "its weights file is damaged or truncated"
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(error)
 
 
 def load_pipeline_flow(path: Path, *, allow_pickle: bool = False) -> UNetFlow:

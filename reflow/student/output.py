@@ -9,7 +9,6 @@ other settings is refused. Outputs from before the marker are recognised by thei
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from reflow.errors import ReflowError
-from reflow.folders.io import MARKER, atomic_dir, atomic_write_text, claim_output, mark_output, output_owner
+from reflow.folders.io import atomic_dir, atomic_write_text, claim_output, mark_output, read_marker
 from reflow.pairs import PairsReader
 from reflow.student.card import model_card, recorded_train_config
 from reflow.student.checkpoints import check_resumable, checkpoint_root, latest_checkpoint
@@ -29,8 +28,9 @@ def finished_run(out: Path) -> dict[str, Any] | None:
     unknown), or None when ``out`` is not a finished reflow training (absent, someone else's, empty)."""
     if not out.is_dir():
         return None
-    if output_owner(out) == "train":
-        return json.loads((out / MARKER).read_text())
+    marker = read_marker(out)
+    if marker is not None and marker.get("command") == "train":
+        return marker
     # written before outputs carried a marker: our model card over a model folder
     try:
         card = (out / "README.md").read_text()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from reflow.errors import ReflowError
+from reflow.folders.files import read_json
 from reflow.folders.kinds import is_diffusers_checkpoint, is_flow_pipeline, is_text_pipeline
 from reflow.models.velocity import MODEL_CLASSES
 from reflow.teachers.base import Teacher
@@ -38,7 +38,7 @@ def _is_flow_model(path: Path) -> bool:
     if is_flow_pipeline(path):
         return True
     if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text()).get("_class_name") in MODEL_CLASSES
+        return read_json(path / "config.json", "re-save the model").get("_class_name") in MODEL_CLASSES
     return False
 
 
