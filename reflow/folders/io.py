@@ -181,6 +181,9 @@ def claim_output(
                 f"{flag} {path} exists and was not written by `reflow {command}`; pick a new {flag} "
                 f"(reflow never writes into or over a {what} it did not make)"
             )
+    marker = _marker_file(path, kind)
+    if kind == "file" and marker.exists() and output_owner(path, kind) != command:
+        raise ReflowError(f"{marker} exists and is not reflow's record of `reflow {command}`; pick a new {flag}")
     clean_debris(path)
     check_writable(path, flag)
     return path

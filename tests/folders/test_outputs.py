@@ -84,6 +84,10 @@ def test_claim_output_rules(tmp_path):
     np.save(samples, np.zeros(3))
     with pytest.raises(ReflowError, match="not written by `reflow sample`"):
         claim_output(samples, "sample", kind="file")
+    (tmp_path / "t.reflow.json").write_text("my notes")  # a file of the user's where t.npy's marker would go
+    with pytest.raises(ReflowError, match="is not reflow's record"):
+        claim_output(tmp_path / "t.npy", "sample", kind="file")
+    assert (tmp_path / "t.reflow.json").read_text() == "my notes"
     mark_output(samples, "sample", kind="file")
     assert (tmp_path / "s.reflow.json").is_file()
     claim_output(samples, "sample", kind="file")
