@@ -146,6 +146,22 @@ def _same_or_inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def _check_existing(path: Path, command: str, kind: Literal["dir", "file"], legacy: tuple[str, ...], flag: str) -> None:
+    """An existing output is used only when it is of the right kind and this command's own (or empty)."""
+    what = "folder" if kind == "dir" else "file"
+    if kind == "dir" and not path.is_dir():
+        raise ReflowError(f"{flag} {path} is a file; {flag} takes a folder to write")
+    if kind == "file" and path.is_dir():
+        raise ReflowError(f"{flag} {path} is a folder; {flag} takes a file name like samples.npy")
+    own = output_owner(path, kind) == command or any((path / name).is_file() for name in legacy)
+    empty = kind == "dir" and not any(path.iterdir())
+    if not (own or empty):
+        raise ReflowError(
+            f"{flag} {path} exists and was not written by `reflow {command}`; pick a new {flag} "
+            f"(reflow never writes into or over a {what} it did not make)"
+        )
+
+
 def claim_output(
     path: str | os.PathLike,
     command: str,
@@ -169,18 +185,7 @@ def claim_output(
     if kind == "file" and full.suffix == ".json" and full.name.endswith(".reflow.json"):
         raise ReflowError(f"{flag} {path}: that name is reserved for reflow's own markers; pick another")
     if path.exists():
-        what = "folder" if kind == "dir" else "file"
-        if kind == "dir" and not path.is_dir():
-            raise ReflowError(f"{flag} {path} is a file; {flag} takes a folder to write")
-        if kind == "file" and path.is_dir():
-            raise ReflowError(f"{flag} {path} is a folder; {flag} takes a file name like samples.npy")
-        own = output_owner(path, kind) == command or any((path / name).is_file() for name in legacy)
-        empty = kind == "dir" and not any(path.iterdir())
-        if not (own or empty):
-            raise ReflowError(
-                f"{flag} {path} exists and was not written by `reflow {command}`; pick a new {flag} "
-                f"(reflow never writes into or over a {what} it did not make)"
-            )
+        _check_existing(path, command, kind, legacy, flag)
     marker = _marker_file(path, kind)
     if kind == "file" and marker.exists() and output_owner(path, kind) != command:
         raise ReflowError(f"{marker} exists and is not reflow's record of `reflow {command}`; pick a new {flag}")
