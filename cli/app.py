@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-console = Console()
+console = Console(soft_wrap=True)  # a path or figure line is never broken mid-word
 err_console = Console(stderr=True)
 
 
