@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -42,7 +43,11 @@ def save_student(
     - a text-conditional one (``UNet2DConditionModel``): a stock ``StableDiffusionPipeline`` folder with the
       VAE, text encoder and tokenizer of ``components`` (the teacher's Stable Diffusion folder); it samples
       with ``pipe(prompt, num_inference_steps=k, guidance_scale=1.0)`` (guidance is baked into the pairs);
-    - anything else (an MLP): a ``save_pretrained`` folder.
+    - an unconditional mean flow (``UNetFlow.mean_flow``, see ``reflow.core.meanflow``): a ``ReflowMeanFlowPipeline``
+      folder whose ``pipeline.py`` is ``reflow/pipelines/meanflow.py`` (``DiffusionPipeline.from_pretrained(folder,
+      trust_remote_code=True)``; ``pipe(num_inference_steps=k)`` makes k jumps on the grid of ``reflow sample
+      --nfe k``);
+    - anything else (an MLP, a mean-flow MLP too): a ``save_pretrained`` folder.
 
     Every one gets ``reflow_weights.json`` (``reflow.folders.weights.WEIGHTS_RECORD``): the size and sha256 of each
     weights file, which reflow checks on every load, so weights whose bytes changed never load silently.
@@ -63,22 +68,32 @@ def _save_folder(model: nn.Module, folder: Path, *, components: str | Path | Non
         model.save_pretrained(str(folder), safe_serialization=True)
         return
     scheduler = student_scheduler(model.num_train_timesteps)
-    if model.conditioning == "class":
+    if model.mean_flow:
+        from reflow.pipelines.meanflow import ReflowMeanFlowPipeline
+
+        pipe = ReflowMeanFlowPipeline(unet=model.unet, scheduler=scheduler)
+        _save_remote_code(pipe, folder, "meanflow.py")
+    elif model.conditioning == "class":
         from reflow.pipelines.class_conditional import ReflowClassConditionalPipeline
 
-        ReflowClassConditionalPipeline(unet=model.unet, scheduler=scheduler).save_pretrained(
-            str(folder), safe_serialization=True
-        )
-        shutil.copyfile(Path(__file__).with_name("class_conditional.py"), folder / "pipeline.py")
-        index_file = folder / "model_index.json"
-        index = json.loads(index_file.read_text())
-        index["_class_name"] = ["pipeline", "ReflowClassConditionalPipeline"]
-        if null_label is not None:
-            index["_reflow_null_class"] = int(null_label)
-        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        pipe = ReflowClassConditionalPipeline(unet=model.unet, scheduler=scheduler)
+        _save_remote_code(pipe, folder, "class_conditional.py", null_label=null_label)
     elif model.conditioning == "text":
         from reflow.pipelines.text_to_image import save_text_to_image
 
         save_text_to_image(model.unet, scheduler, folder, components)
     else:
         DDPMPipeline(unet=model.unet, scheduler=scheduler).save_pretrained(str(folder), safe_serialization=True)
+
+
+def _save_remote_code(pipe: Any, folder: Path, source: str, *, null_label: int | None = None) -> None:
+    """Save a pipeline of ours with its own code: ``source`` (a file of this folder) copied in as
+    ``pipeline.py`` and named in model_index.json, with ``"_reflow_null_class"`` when ``null_label`` is given."""
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    shutil.copyfile(Path(__file__).with_name(source), folder / "pipeline.py")
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["_class_name"] = ["pipeline", type(pipe).__name__]
+    if null_label is not None:
+        index["_reflow_null_class"] = int(null_label)
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

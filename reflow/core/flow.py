@@ -112,26 +112,35 @@ def distillation_loss(
     kind: str = "l2",
     huber_c: float | None = None,
     cond: dict[str, torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """k-step distillation: the k-step Euler solve from z0 over ``nodes`` (velocity read at ``query``
-    times, k = len(query)) regressed onto the teacher's z1, averaged over the batch (a scalar)."""
+    times, k = len(query)) regressed onto the teacher's z1, averaged over the batch (a scalar).
+    ``loss_fn(prediction, target) -> (B,)`` replaces :func:`regression_loss` when given (a perceptual loss)."""
     x = z0
     for i, tq in enumerate(query):
         t = torch.full((x.shape[0],), tq, dtype=torch.float32, device=x.device)
         x = x + (nodes[i + 1] - nodes[i]) * velocity(x, t, **(cond or {}))
+    if loss_fn is not None:
+        return loss_fn(x, z1).mean()
     return regression_loss(x, z1, kind, huber_c).mean()
 
 
 class Conditioned:
     """A conditional velocity model with its conditioning bound: ``Conditioned(model, class_labels=y)(x, t)``
     is ``model(x, t, class_labels=y)``, so solvers that call ``velocity(x, t)`` need not know about it. The
-    model's own Euler grid (``euler_grid``) is kept."""
+    model's own Euler grid (``euler_grid``) and its ``mean_flow`` flag are kept; a mean flow's end time
+    passes through: ``(x, t, s=s)`` is ``model(x, t, s=s, class_labels=y)``."""
 
     def __init__(self, model: Callable[..., torch.Tensor], **cond: torch.Tensor | None):
         self.model = model
         self.cond = {k: v for k, v in cond.items() if v is not None}
         if hasattr(model, "euler_grid"):
             self.euler_grid = model.euler_grid
+        if hasattr(model, "mean_flow"):
+            self.mean_flow = model.mean_flow
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        if s is not None:
+            return self.model(x, t, s=s, **self.cond)
         return self.model(x, t, **self.cond)

@@ -1,15 +1,47 @@
-"""Drawing samples from a velocity model: noise z0 (t = 0) to samples (t = 1)."""
+"""Drawing samples from a velocity model: noise z0 (t = 0) to samples (t = 1).
+
+A MeanFlow model (``mean_flow`` True, ``reflow.core.meanflow``) is not integrated: it jumps, k = nfe calls of its
+average velocity over a k-step grid (see :func:`solve_model`).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from reflow.core.flow import Conditioned, Velocity
-from reflow.core.solvers import ODESolution, solve
+from reflow.core.meanflow import mean_flow_jumps
+from reflow.core.solvers import ODESolution, solve, time_grid
+from reflow.errors import ReflowError
 
 
 def is_image(sample_shape: tuple[int, ...]) -> bool:
     return len(sample_shape) == 3
+
+
+def solve_model(
+    velocity: Velocity, z0: torch.Tensor, nfe: int, solver: str = "euler", *, measure_straightness: bool = False
+) -> ODESolution:
+    """One batch from z0: ``solve`` for a velocity field; for a mean flow, nfe jumps
+    x_{i+1} = x_i + (g_{i+1} - g_i) u(x_i, g_i, g_{i+1}) over the model's own grid (the nodes of
+    ``velocity.euler_grid(nfe)``, e.g. an exported student's scheduler grid, else the uniform ``time_grid``).
+
+    A mean flow samples with ``euler`` only (Heun and adaptive solvers integrate a velocity, not jumps). Its
+    straightness and curvature, when asked, are those of its instantaneous velocity u(x, t, t) = v(x, t) along
+    an nfe-step Euler solve, as for any flow; those calls are not counted in ``nfe``.
+    """
+    if not getattr(velocity, "mean_flow", False):
+        return solve(velocity, z0, nfe, solver, measure_straightness=measure_straightness)
+    if solver != "euler":
+        raise ReflowError(f"a MeanFlow model samples in jumps (solver euler), not {solver}; drop --solver")
+    if nfe < 1:
+        raise ReflowError(f"a MeanFlow model needs at least one jump, got --nfe {nfe}")
+    model_grid = getattr(velocity, "euler_grid", None)
+    grid = model_grid(nfe)[0] if model_grid is not None else time_grid(nfe)
+    z1 = mean_flow_jumps(velocity, z0, grid)
+    if not measure_straightness:
+        return ODESolution(z1=z1, nfe=nfe)
+    sol = solve(velocity, z0, nfe, "euler", measure_straightness=True)
+    return ODESolution(z1=z1, nfe=nfe, straightness=sol.straightness, curvature=sol.curvature)
 
 
 @torch.inference_mode()
@@ -28,7 +60,7 @@ def sample(
     """Solve from z0 in batches; images (C, H, W) are clamped to [-1, 1] unless ``clamp`` is False (latents).
     ``cond``: per-sample conditioning for a conditional model (``class_labels`` (N,), ``encoder_hidden_states``
     (N, seq, dim)), batched with z0. Returns z1 on the CPU, the largest NFE of any batch and the
-    batch-weighted straightness and curvature when asked."""
+    batch-weighted straightness and curvature when asked. A mean flow jumps (:func:`solve_model`)."""
     cond = {k: v for k, v in (cond or {}).items() if v is not None}
     for name, value in cond.items():
         if len(value) != len(z0):
@@ -39,7 +71,7 @@ def sample(
         field = velocity
         if cond:
             field = Conditioned(velocity, **{k: v[b : b + batch_size].to(device) for k, v in cond.items()})
-        sol = solve(field, chunk, nfe, solver, measure_straightness=measure_straightness)
+        sol = solve_model(field, chunk, nfe, solver, measure_straightness=measure_straightness)
         outs.append(sol.z1.float().cpu())
         nfe_used = max(nfe_used, sol.nfe)
         if sol.straightness is not None:

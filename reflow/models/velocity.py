@@ -23,11 +23,13 @@ from reflow.folders.kinds import is_diffusers_checkpoint, is_flow_pipeline
 from reflow.folders.weights import check_weights, use_safetensors
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t in [0, 1] (scaled by 1000 as in DDPM), shape (B, dim)."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled by ``scale``, 1000 as in DDPM), shape (B, dim); float32, or
+    float64 for float64 t (so float64 checks of derivatives in t see float64 features)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = scale * t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
@@ -36,7 +38,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 class MLPVelocity(ModelMixin, ConfigMixin):
     """An MLP velocity field for small data (2-D toys, 8x8 digits): flattens x, concatenates a
-    sinusoidal embedding of t, and maps back to x's shape."""
+    sinusoidal embedding of t, and maps back to x's shape.
+
+    ``mean_flow=True`` makes it a MeanFlow model (``reflow.core.meanflow``): ``forward(x, t, s)`` is the
+    average velocity from t to s >= t, the first layer also taking a sinusoidal embedding of the gap s - t
+    (same size as t's); s = None means s = t, the instantaneous velocity.
+
+    ``time_scale`` multiplies t (and s - t) before the sinusoids: 1000 (DDPM's) resolves t finely, but a fresh
+    network is then rough in t, and a MeanFlow target, which differentiates the network in t, blows up (moons
+    from data, 1000 steps: loss 2 -> 14 and one-jump W2 1.22 at 1000, against a steady loss and W2 0.50 at 1).
+    A fresh MeanFlow MLP is built with 1; a velocity MLP keeps 1000."""
 
     @register_to_config
     def __init__(
@@ -45,10 +56,13 @@ class MLPVelocity(ModelMixin, ConfigMixin):
         hidden_dim: int = 256,
         num_layers: int = 4,
         time_embed_dim: int = 64,
+        mean_flow: bool = False,
+        time_scale: float = 1000.0,
     ):
         super().__init__()
         dim = math.prod(sample_shape)
-        layers: list[nn.Module] = [nn.Linear(dim + time_embed_dim, hidden_dim), nn.SiLU()]
+        embed_dim = time_embed_dim * (2 if mean_flow else 1)
+        layers: list[nn.Module] = [nn.Linear(dim + embed_dim, hidden_dim), nn.SiLU()]
         for _ in range(num_layers - 1):
             layers += [nn.Linear(hidden_dim, hidden_dim), nn.SiLU()]
         layers.append(nn.Linear(hidden_dim, dim))
@@ -58,13 +72,52 @@ class MLPVelocity(ModelMixin, ConfigMixin):
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.config.sample_shape)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.config.time_embed_dim).to(x.dtype)
-        h = torch.cat([x.flatten(1), emb], dim=1)
+    @property
+    def mean_flow(self) -> bool:
+        return bool(self.config.mean_flow)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        dim, scale = self.config.time_embed_dim, self.config.time_scale
+        embs = [timestep_embedding(t, dim, scale=scale).to(x.dtype)]
+        if self.mean_flow:
+            gap = torch.zeros_like(t) if s is None else s - t
+            embs.append(timestep_embedding(gap, dim, scale=scale).to(x.dtype))
+        elif s is not None:
+            raise ReflowError("this MLPVelocity is a velocity field, not a mean flow: it takes no s (see to_mean_flow)")
+        h = torch.cat([x.flatten(1), *embs], dim=1)
         return self.net(h).view_as(x)
 
 
 MODEL_CLASSES: dict[str, type[ModelMixin]] = {"MLPVelocity": MLPVelocity}
+
+
+def _unet_conditioning(unet: ModelMixin) -> tuple[str | None, int | None]:
+    """(conditioning, number of classes) of a UNet, or one line saying why reflow cannot use it."""
+    config = unet.config
+    if type(unet).__name__ == "UNet2DConditionModel":
+        if config.class_embed_type is not None or config.addition_embed_type is not None:
+            raise ReflowError(
+                "this UNet2DConditionModel needs extra conditioning (class_embed_type / addition_embed_type, "
+                "e.g. SDXL); reflow supports the Stable Diffusion 1.x/2.x layout (text embeddings only)"
+            )
+        return "text", None
+    if config.class_embed_type == "timestep":  # a mean flow (UNetFlow's docstring): the embedding holds s - t
+        return None, None
+    if config.num_class_embeds is not None:
+        return "class", int(config.num_class_embeds)
+    if config.class_embed_type is not None:
+        raise ReflowError(
+            f"class_embed_type {config.class_embed_type!r} is not supported; only integer class labels "
+            "(num_class_embeds), or 'timestep' for a mean flow's s - t"
+        )
+    return None, None
+
+
+def _cast_to_weight_dtype(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Forward pre-hook: cast a module's input to its weights' dtype (diffusers' UNet2DModel feeds its
+    ``class_embed_type="timestep"`` embedding a float32 sinusoid even when the UNet is float16 or float64)."""
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 class UNetFlow(nn.Module):
@@ -83,30 +136,29 @@ class UNetFlow(nn.Module):
     Conditioning: a ``UNet2DModel`` with ``num_class_embeds`` takes ``class_labels`` (B,) int64; a
     ``UNet2DConditionModel`` (Stable Diffusion layout) takes ``encoder_hidden_states`` (B, seq, dim), the
     text encoder's prompt embeddings. ``conditioning`` says which: None, "class" or "text".
+
+    Mean flow (``reflow.core.meanflow``): an unconditional ``UNet2DModel`` with ``class_embed_type="timestep"``
+    (``mean_flow`` is True) predicts the average velocity from t to s >= t, ``forward(x, t, s)``, its second
+    timestep embedding fed the gap in timestep units,
+
+        class_labels = (s - t) * num_train_timesteps,      unet(x_t, timestep, class_labels) = -u(x_t, t, s)
+
+    (the UNet's sinusoidal features then resolve a gap as finely as a time; 0 for s = t, and s = None means
+    s = t). diffusers feeds that embedding the float32 sinusoid whatever the UNet's dtype; a forward pre-hook
+    casts it to the embedding's dtype so float16 / float64 UNets run. See :func:`to_mean_flow`.
     """
 
     def __init__(self, unet: ModelMixin, num_train_timesteps: int = 1000):
         super().__init__()
-        config = unet.config
-        self.conditioning: str | None = None
-        self.num_classes: int | None = None
-        if type(unet).__name__ == "UNet2DConditionModel":
-            self.conditioning = "text"
-            if config.class_embed_type is not None or config.addition_embed_type is not None:
-                raise ReflowError(
-                    "this UNet2DConditionModel needs extra conditioning (class_embed_type / addition_embed_type, "
-                    "e.g. SDXL); reflow supports the Stable Diffusion 1.x/2.x layout (text embeddings only)"
-                )
-        elif config.num_class_embeds is not None:
-            self.conditioning = "class"
-            self.num_classes = int(config.num_class_embeds)
-        elif config.class_embed_type is not None:
-            raise ReflowError(
-                f"class_embed_type {config.class_embed_type!r} is not supported; only integer class labels "
-                "(num_class_embeds)"
-            )
+        self.conditioning, self.num_classes = _unet_conditioning(unet)
         self.unet = unet
         self.num_train_timesteps = int(num_train_timesteps)
+        if self.mean_flow and _cast_to_weight_dtype not in unet.class_embedding._forward_pre_hooks.values():
+            unet.class_embedding.register_forward_pre_hook(_cast_to_weight_dtype)
+
+    @property
+    def mean_flow(self) -> bool:
+        return self.unet.config.class_embed_type == "timestep"
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -122,25 +174,35 @@ class UNetFlow(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
+        s: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from reflow.core.flow import to_diffusers_timestep, velocity_from_diffusers
 
         timestep = to_diffusers_timestep(t, self.num_train_timesteps)
+        kw = self._keywords(x, class_labels, encoder_hidden_states)
+        if self.mean_flow:
+            kw["class_labels"] = (torch.zeros_like(t) if s is None else s - t) * self.num_train_timesteps
+        elif s is not None:
+            raise ReflowError("this model is a velocity field, not a mean flow: it takes no s (see to_mean_flow)")
+        return velocity_from_diffusers(self.unet(x, timestep, **kw).sample)
+
+    def _keywords(
+        self, x: torch.Tensor, class_labels: torch.Tensor | None, encoder_hidden_states: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning keywords, checked against ``conditioning``."""
         if self.conditioning == "text":
             if encoder_hidden_states is None:
                 raise ReflowError("this model is text-conditional: pass prompt embeddings (encoder_hidden_states)")
-            out = self.unet(x, timestep, encoder_hidden_states=encoder_hidden_states.to(x.dtype)).sample
-        elif self.conditioning == "class":
+            return {"encoder_hidden_states": encoder_hidden_states.to(x.dtype)}
+        if self.conditioning == "class":
             if class_labels is None:
                 raise ReflowError(f"this model is class-conditional ({self.num_classes} classes): pass class labels")
-            out = self.unet(x, timestep, class_labels=class_labels).sample
-        else:
-            if class_labels is not None or encoder_hidden_states is not None:
-                raise ReflowError("this model is unconditional; drop the labels / prompts")
-            out = self.unet(x, timestep).sample
-        return velocity_from_diffusers(out)
+            return {"class_labels": class_labels}
+        if class_labels is not None or encoder_hidden_states is not None:
+            raise ReflowError("this model is unconditional; drop the labels / prompts")
+        return {}
 
     def euler_grid(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(nodes, query): the k-step Euler grid of the exported scheduler, as flow times (float64)."""
@@ -159,6 +221,62 @@ def scheduler_grid(scheduler: Any, steps: int) -> tuple[torch.Tensor, torch.Tens
     nodes = from_diffusers_sigma(scheduler.sigmas.double())
     query = from_diffusers_sigma(scheduler.timesteps.double() / scheduler.config.num_train_timesteps)
     return nodes, query
+
+
+def to_mean_flow(model: nn.Module) -> nn.Module:
+    """The MeanFlow version of a velocity model (``reflow.core.meanflow``): a model ``u(x, t, s)`` of the average
+    velocity from t to s >= t whose output, at initialisation, is the velocity model's v(x, t) for EVERY s.
+
+    Every weight of ``model`` is copied exactly (``model`` itself is left untouched); the weights that read the
+    gap s - t start at zero, so the student starts from its teacher's instantaneous velocity:
+
+    - ``MLPVelocity``: the first layer's new input columns (the embedding of s - t);
+    - an unconditional ``UNetFlow`` (``UNet2DModel``): the same UNet with ``class_embed_type="timestep"``, a
+      second timestep embedding added to the time embedding, with its output layer (``linear_2``) zero.
+
+    A model that is already a mean flow comes back as it is. A class-conditional UNet2DModel cannot take a
+    second embedding in stock diffusers (its one class embedding holds the labels), and a text-conditional one
+    would not sample in a stock Stable Diffusion pipeline: both raise ReflowError.
+    """
+    if getattr(model, "mean_flow", False):
+        return model
+    if isinstance(model, MLPVelocity):
+        new = _like(MLPVelocity.from_config(model.config, mean_flow=True), model)
+        state = model.state_dict()
+        w = state["net.0.weight"]
+        state["net.0.weight"] = torch.cat([w, w.new_zeros(w.shape[0], model.config.time_embed_dim)], dim=1)
+    elif isinstance(model, UNetFlow):
+        if model.conditioning == "class":
+            raise ReflowError(
+                "no mean flow of a class-conditional UNet: stock diffusers has one class embedding per UNet2DModel, "
+                "and a mean flow needs it for s - t; use an unconditional image model"
+            )
+        if model.conditioning == "text":
+            raise ReflowError(
+                "no mean flow of a text-conditional UNet yet: a stock Stable Diffusion pipeline would not pass it "
+                "s - t; use an unconditional image model"
+            )
+        unet = model.unet
+        new_unet = _like(type(unet).from_config(unet.config, class_embed_type="timestep"), unet)
+        state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+        state.update({f"unet.{k}": v for k, v in new_unet.state_dict().items() if k.startswith("class_embedding.")})
+        state["unet.class_embedding.linear_2.weight"] = torch.zeros_like(state["unet.class_embedding.linear_2.weight"])
+        state["unet.class_embedding.linear_2.bias"] = torch.zeros_like(state["unet.class_embedding.linear_2.bias"])
+        new = UNetFlow(new_unet, model.num_train_timesteps)
+        new.training = model.training  # the wrapper's flag only: the UNet keeps its own mode (_like)
+    else:
+        raise ReflowError(f"no mean-flow version of a {type(model).__name__}; use an MLPVelocity or a UNetFlow")
+    new.load_state_dict(state)
+    return new
+
+
+def _like(new: ModelMixin, old: ModelMixin) -> ModelMixin:
+    """``new`` on ``old``'s device, in its dtype and train / eval mode (on CPU a UNet's convolutions round
+    differently in the two modes, so a copy keeps the mode to give bit-identical outputs)."""
+    new.to(old.device)
+    if new.dtype != old.dtype:
+        new.to(old.dtype)
+    return new.train(old.training)
 
 
 def default_unet_config(sample_shape: tuple[int, ...]) -> dict[str, Any]:

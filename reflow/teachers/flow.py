@@ -1,4 +1,5 @@
-"""One of our own flow models as a teacher: its velocity solved from t = 0 (noise) to t = 1 (data)."""
+"""One of our own flow models as a teacher: its velocity solved from t = 0 (noise) to t = 1 (data), or a
+MeanFlow model's nfe jumps."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from reflow.core.conditioning import DESCRIPTION, keywords
 from reflow.core.flow import Conditioned
-from reflow.core.solvers import SOLVERS, solve
+from reflow.core.sampling import solve_model
+from reflow.core.solvers import SOLVERS
 from reflow.errors import ReflowError
 from reflow.folders.files import config_hash, weights_hash
 from reflow.folders.kinds import read_index
@@ -41,6 +43,8 @@ class FlowTeacher(Teacher):
         self.allow_pickle = allow_pickle
         self.model = load_model(self.path, allow_pickle=allow_pickle).to(device).eval()
         self.model.requires_grad_(False)
+        if getattr(self.model, "mean_flow", False) and solver != "euler":
+            raise ReflowError(f"{self.path} is a MeanFlow model: it samples in jumps (solver euler), not {solver}")
         self.sample_shape = tuple(self.model.sample_shape)
         self.device = torch.device(device)
         self.nfe = nfe
@@ -104,4 +108,5 @@ class FlowTeacher(Teacher):
 
     @torch.inference_mode()
     def __call__(self, z0: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return solve(self._velocity(cond), z0.to(self.device), self.nfe, self.solver).z1
+        # a MeanFlow student teaches with its nfe jumps, any other flow with its ODE solve
+        return solve_model(self._velocity(cond), z0.to(self.device), self.nfe, self.solver).z1
