@@ -160,7 +160,26 @@ TimeSampler = Annotated[
 ]
 Loss = Annotated[
     str | None,
-    typer.Option(help="auto (l2 from --data, pseudo_huber on pairs), l2 or pseudo_huber.", rich_help_panel="Method"),
+    typer.Option(
+        help="auto (l2 from --data, pseudo_huber on pairs), l2, pseudo_huber; to distill or with --objective "
+        "meanflow also lpips or lpips_huber (need --perceptual-weights).",
+        rich_help_panel="Method",
+    ),
+]
+PerceptualWeights = Annotated[
+    Path | None,
+    typer.Option(
+        help="Feature network of --loss lpips / lpips_huber: a folder with config.json and model.safetensors "
+        "(data/perceptual/digits-lpips for 8x8 digits). Nothing is downloaded.",
+        rich_help_panel="Method",
+    ),
+]
+DropFarthest = Annotated[
+    float | None,
+    typer.Option(
+        help="Pairs: drop this fraction with the largest |z1 - z0| (decided once over all pairs; recorded).",
+        rich_help_panel="Method",
+    ),
 ]
 EmaDecay = Annotated[float | None, typer.Option(help="EMA decay of the saved weights.", rich_help_panel="Method")]
 MaxPairs = Annotated[
@@ -259,9 +278,25 @@ def train_cmd(
     loss: Loss = None,
     ema_decay: EmaDecay = None,
     max_pairs: MaxPairs = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="velocity (flow matching) or meanflow (the average velocity over [t, s]: one jump is exact).",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    equal_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="MeanFlow: fraction of rows with s = t (default 0.75); the rest s > t.", rich_help_panel="Method"
+        ),
+    ] = None,
+    drop_farthest: DropFarthest = None,
+    perceptual_weights: PerceptualWeights = None,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Train a flow: from data (round 1, independent coupling) or from teacher pairs (reflow)."""
+    """Train a flow: from data (round 1, independent coupling) or from teacher pairs (reflow); --objective
+    meanflow trains a MeanFlow student."""
     _run_training(_training_config(locals()))
 
 
@@ -284,6 +319,8 @@ def distill_cmd(
     loss: Loss = None,
     ema_decay: EmaDecay = None,
     max_pairs: MaxPairs = None,
+    drop_farthest: DropFarthest = None,
+    perceptual_weights: PerceptualWeights = None,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Distill a student into a k-step generator: regress its k-step Euler output from z0 onto the teacher's z1."""

@@ -130,14 +130,16 @@ class PairsReader:
     and the OS page cache keeps hot rows in memory. Columns that cannot be viewed that way (nulls,
     ragged rows) fall back to datasets' own row access.
 
-    ``max_rows`` keeps the first rows only (``--max-pairs``). ``batch(idx)`` returns float32 CPU tensors
+    ``max_rows`` keeps the first rows only (``--max-pairs``); ``drop_farthest`` then drops that fraction of
+    them with the largest ||z1 - z0|| (:meth:`_drop_farthest`), so row i of the reader is the i-th kept row.
+    ``batch(idx)`` returns float32 CPU tensors
     (z0, z1) and the rows' conditioning as the model's keywords: ``{"class_labels": (B,) int64}`` for
     class-labelled pairs, ``{"encoder_hidden_states": (B, seq, dim) float32}`` for text pairs, ``{}``
     otherwise. Text pairs stored without embeddings (prompts only) need ``attach_prompt_embeddings``
     first, with the embeddings of ``unique_prompts()``.
     """
 
-    def __init__(self, path: str | Path, max_rows: int | None = None):
+    def __init__(self, path: str | Path, max_rows: int | None = None, drop_farthest: float = 0.0):
         ds, self.provenance = open_pairs_dataset(path)
         self.path = Path(path)
         if max_rows is not None and max_rows < 1:
@@ -165,6 +167,9 @@ class PairsReader:
                 self._starts = np.cumsum([0] + [len(v) for v in self._views["z0"]])
             except _NotViewable:
                 self._views = None
+        self._keep: np.ndarray | None = None
+        if drop_farthest:
+            self._drop_farthest(drop_farthest)
 
     def _num_classes(self) -> int | None:
         """The class count of class-labelled pairs: the teacher's recorded one, else the largest label + 1."""
@@ -184,7 +189,35 @@ class PairsReader:
         raise ReflowError(f"{path} holds prompts without embeddings and no recorded embed_shape; regenerate")
 
     def __len__(self) -> int:
-        return self.rows
+        return self.rows if self._keep is None else len(self._keep)
+
+    def _drop_farthest(self, fraction: float, chunk: int = 4096) -> None:
+        """Keep the rows whose distance ||z1 - z0|| (over every dimension, in float64) is not among the
+        ``fraction`` largest ("Flow Straighter and Faster", Zhang et al. 2025: the far pairs are the ones
+        whose teacher paths curve most). Decided once over all rows (read in chunks, never all at once);
+        ties broken by row order, so the kept set is a function of the data alone. The filter and its
+        threshold go into ``provenance["pair_filter"]`` (recorded in the model card)."""
+        if not 0 <= fraction < 1:
+            raise ReflowError(f"--drop-farthest must be in [0, 1), got {fraction}")
+        distance = np.empty(self.rows, dtype=np.float64)
+        for start in range(0, self.rows, chunk):
+            rows = np.arange(start, min(start + chunk, self.rows))
+            z0, z1 = self._rows(rows)
+            diff = z1.reshape(len(rows), -1).astype(np.float64) - z0.reshape(len(rows), -1)
+            distance[rows] = np.sqrt((diff * diff).sum(axis=1))
+        dropped = int(math.floor(fraction * self.rows))
+        order = np.argsort(distance, kind="stable")
+        self._keep = np.sort(order[: self.rows - dropped])
+        self.provenance = dict(self.provenance)
+        self.provenance["pair_filter"] = {
+            "drop_farthest": fraction,
+            "distance": "||z1 - z0||_2 over every dimension",
+            "rows": self.rows,
+            "dropped": dropped,
+            "kept": len(self._keep),
+            "max_kept_distance": float(distance[order[self.rows - dropped - 1]]),
+            "max_distance": float(distance[order[-1]]),
+        }
 
     def unique_prompts(self) -> list[str]:
         """The distinct prompts of text pairs, in first-seen order (``attach_prompt_embeddings`` takes
@@ -216,26 +249,28 @@ class PairsReader:
             out[sel] = views[c][idx[sel] - self._starts[c]]
         return out
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        rows = idx.numpy()
-        cond: dict[str, torch.Tensor] = {}
-        embeds = None
+    def _rows(self, rows: np.ndarray, embeddings: bool = False) -> tuple[np.ndarray, ...]:
+        """float32 z0 and z1 (and the prompt embeddings, when ``embeddings``) of dataset rows ``rows``."""
         if self._views is not None:
-            z0, z1 = self._gather("z0", rows), self._gather("z1", rows)
-            if self.has_embeddings:
-                embeds = self._gather("prompt_embeds", rows)
-        else:
-            columns = ["z0", "z1", *(["prompt_embeds"] if self.has_embeddings else [])]
-            try:
-                got = self._ds.select_columns(columns)[rows.tolist()]
-                z0 = np.asarray(got["z0"], dtype=np.float32)
-                z1 = np.asarray(got["z1"], dtype=np.float32)
-                if self.has_embeddings:
-                    embeds = np.asarray(got["prompt_embeds"], dtype=np.float32)
-            except (ValueError, TypeError):
-                raise ReflowError(f"{self.path}: z0/z1 rows have different shapes; pairs need one shape") from None
-            if z0.shape[1:] != self.sample_shape or z1.shape != z0.shape:
-                raise ReflowError(f"{self.path}: rows of shape {tuple(z0.shape[1:])} among {self.sample_shape}")
+            got = [self._gather(c, rows) for c in ("z0", "z1", *(["prompt_embeds"] if embeddings else []))]
+            return tuple(got)
+        columns = ["z0", "z1", *(["prompt_embeds"] if embeddings else [])]
+        try:
+            got = self._ds.select_columns(columns)[rows.tolist()]
+            arrays = tuple(np.asarray(got[c], dtype=np.float32) for c in columns)
+        except (ValueError, TypeError):
+            raise ReflowError(f"{self.path}: z0/z1 rows have different shapes; pairs need one shape") from None
+        z0, z1 = arrays[:2]
+        if z0.shape[1:] != self.sample_shape or z1.shape != z0.shape:
+            raise ReflowError(f"{self.path}: rows of shape {tuple(z0.shape[1:])} among {self.sample_shape}")
+        return arrays
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The rows ``idx`` of this reader (after any filter) as (z0, z1, cond), float32 CPU tensors."""
+        rows = idx.numpy() if self._keep is None else self._keep[idx.numpy()]
+        cond: dict[str, torch.Tensor] = {}
+        z0, z1, *rest = self._rows(rows, self.has_embeddings)
+        embeds = rest[0] if rest else None
         if self._labels is not None:
             cond["class_labels"] = torch.from_numpy(self._labels[rows])
         if self.conditioning == "text":

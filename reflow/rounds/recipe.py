@@ -60,7 +60,19 @@ Init = Literal["auto", "fresh"]
 GUIDANCE = ("guidance_scale", "null_label", "negative_prompt", "clipped_model_output")
 # The TrainConfig names a recipe leaves to the run, which sets them per round.
 _SET_BY_RUN = {"out", "data", "pairs", "init", "resume", "distill_k"}
-_DISTILL = {"k", "max_steps", "batch_size", "lr", "loss", "time_sampler", "ema_decay", "warmup_steps", "seed"}
+_DISTILL = {
+    "k",
+    "max_steps",
+    "batch_size",
+    "lr",
+    "loss",
+    "time_sampler",
+    "ema_decay",
+    "warmup_steps",
+    "seed",
+    "drop_farthest",
+    "perceptual_weights",
+}
 _PAIRS_RECORDED = ("num_pairs", "solver", "nfe", "heldout", "batch_size")  # in the digest, written or not
 _TABLES = ("teacher", "pairs", "train", "distill", "eval")
 _TOP_TYPES: dict[str, Any] = {"rounds": int, "seed": int, "name": str, **dict.fromkeys(_TABLES, dict)}
@@ -172,7 +184,8 @@ class TrainSpec:
     per_round: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def from_table(cls, table: dict[str, Any], rounds: int, where: str) -> TrainSpec:
+    def from_table(cls, table: dict[str, Any], rounds: int, where: str, from_data: bool = True) -> TrainSpec:
+        """``from_data``: round 1 trains from data (the teacher is a data source), else on pairs."""
         every_round, per_round = dict(table), {}
         for key in [k for k in every_round if k.startswith("round")]:
             value = every_round.pop(key)
@@ -181,9 +194,12 @@ class TrainSpec:
             if not 1 <= int(key[5:]) <= rounds:
                 raise ReflowError(f"{where}: [train.{key}] never applies: rounds = {rounds}; drop it or raise rounds")
             per_round[int(key[5:])] = value
-        _check_train_table(every_round, where, "train")
+        source = "data" if from_data else "pairs"
+        _check_train_table(every_round, where, "train", source=source)
         for k, overrides in per_round.items():
-            _check_train_table(overrides, where, f"train.round{k}", every_round)
+            _check_train_table(
+                overrides, where, f"train.round{k}", every_round, "data" if k == 1 and from_data else "pairs"
+            )
         return cls(every_round, per_round)
 
     def for_round(self, k: int, seed: int) -> tuple[dict[str, Any], Init]:
@@ -251,7 +267,7 @@ class Recipe:
         rounds, seed = _check_top(raw, where)
         teacher = TeacherSpec.from_table(dict(raw.get("teacher", {})), where)
         pairs = PairsSpec.from_table(raw.get("pairs", {}), where)
-        train = TrainSpec.from_table(raw.get("train", {}), rounds, where)
+        train = TrainSpec.from_table(raw.get("train", {}), rounds, where, from_data=teacher.data is not None)
         distill = None
         if raw.get("distill") is not None:
             distill = DistillSpec.from_table(raw["distill"], where)
@@ -316,17 +332,17 @@ def _names(message: str) -> str:
 
 
 def _check_train_table(
-    table: dict[str, Any], where: str, label: str, every_round: dict[str, Any] | None = None
+    table: dict[str, Any], where: str, label: str, every_round: dict[str, Any] | None = None, source: str = "data"
 ) -> None:
     """[train] (or [train.roundK], checked merged with ``every_round``): TrainConfig's names and types, init,
-    and the checks training makes before it starts."""
+    and the checks training makes before it starts (``source``: ``data`` or ``pairs``, what it trains on)."""
     known = {f.name for f in fields(TrainConfig)} - _SET_BY_RUN
     _unknown(table, known | {"init"}, where, label)
     check_values(TrainConfig, table, where, label, choices=False)
     if table.get("init", "auto") not in get_args(Init):
         raise ReflowError(f"{where}: [{label}] init must be auto (the round's teacher) or fresh")
     merged = {**(every_round or {}), **table}
-    _check_training({k: v for k, v in merged.items() if k != "init"}, where, label, data="recipe")
+    _check_training({k: v for k, v in merged.items() if k != "init"}, where, label, **{source: "recipe"})
 
 
 def _check_training(values: dict[str, Any], where: str, label: str, **paths: Any) -> None:

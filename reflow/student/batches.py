@@ -11,10 +11,11 @@ overlaps the step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from reflow.core.meanflow import sample_interval
 from reflow.core.timesteps import sample_time
 from reflow.errors import ReflowError
 from reflow.folders.data import DataSource, load_source
@@ -38,7 +39,7 @@ def open_data(config: TrainConfig) -> TrainData:
     if config.data is not None:
         source = load_source(config.data)
         return TrainData(source=source, pairs=None, sample_shape=tuple(source.sample_shape))
-    pairs = PairsReader(config.pairs, max_rows=config.max_pairs)
+    pairs = PairsReader(config.pairs, max_rows=config.max_pairs, drop_farthest=config.drop_farthest)
     if pairs.conditioning == "text" and not pairs.has_embeddings:
         attach_prompt_embeddings(pairs, config.allow_pickle)
     return TrainData(source=None, pairs=pairs, sample_shape=pairs.sample_shape)
@@ -62,21 +63,35 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed << 32) + step)
 
 
-class StepBatch(NamedTuple):
-    """One process's part of a step's batch, split into micro-batches: ``z0``, ``z1`` (micro, local,
-    *sample_shape), ``t`` (micro, local) and the conditioning keywords ``cond``, each (micro, local, ...)."""
+class MicroBatch(NamedTuple):
+    """One micro-batch on the device: the pair (z0, z1), the time t, the conditioning keywords ``cond`` and,
+    for a MeanFlow student, the end ``s >= t`` of the interval (None otherwise)."""
 
     z0: torch.Tensor
     z1: torch.Tensor
     t: torch.Tensor
     cond: dict[str, torch.Tensor]
+    s: torch.Tensor | None = None
 
-    def micro(self, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Micro-batch ``m`` on ``device`` as (z0, z1, t, cond), copied without waiting (from pinned memory)."""
+
+class StepBatch(NamedTuple):
+    """One process's part of a step's batch, split into micro-batches: ``z0``, ``z1`` (micro, local,
+    *sample_shape), ``t`` (micro, local), the conditioning keywords ``cond``, each (micro, local, ...), and
+    a MeanFlow student's interval ends ``s`` (micro, local) or None."""
+
+    z0: torch.Tensor
+    z1: torch.Tensor
+    t: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    s: torch.Tensor | None = None
+
+    def micro(self, m: int, device: torch.device) -> MicroBatch:
+        """Micro-batch ``m`` on ``device``, copied without waiting (from pinned memory)."""
         z0 = self.z0[m].to(device, non_blocking=True)
         z1 = self.z1[m].to(device, non_blocking=True)
         cond = {k: v[m].to(device, non_blocking=True) for k, v in self.cond.items()}
-        return z0, z1, self.t[m].to(device, non_blocking=True), cond
+        s = None if self.s is None else self.s[m].to(device, non_blocking=True)
+        return MicroBatch(z0, z1, self.t[m].to(device, non_blocking=True), cond, s)
 
 
 class StepBatches:
@@ -95,6 +110,8 @@ class StepBatches:
             )
         self.data, self.seed, self.batch_size = data, config.seed, config.batch_size
         self.time_sampler = config.time_sampler
+        self.mean_flow = config.objective == "meanflow"
+        self.equal_fraction = config.equal_fraction
         self.local = config.batch_size // (world * self.micro)
         self.mine = slice(rank * self.micro * self.local, (rank + 1) * self.micro * self.local)
         self.pin_memory = pin_memory
@@ -109,8 +126,12 @@ class StepBatches:
         else:
             z1 = self.data.source.sample(n, g)
             z0 = torch.randn(n, *self.data.sample_shape, generator=g)
+        cond = {k: self._split(v) for k, v in cond.items()}
+        if self.mean_flow:
+            t, s = sample_interval(n, self.time_sampler, equal_fraction=self.equal_fraction, generator=g)
+            return StepBatch(self._split(z0), self._split(z1), self._split(t), cond, self._split(s))
         t = sample_time(n, self.time_sampler, generator=g)
-        return StepBatch(self._split(z0), self._split(z1), self._split(t), {k: self._split(v) for k, v in cond.items()})
+        return StepBatch(self._split(z0), self._split(z1), self._split(t), cond)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         """This process's rows of a global batch ``x`` as (micro, local, ...)."""

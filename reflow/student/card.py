@@ -31,6 +31,8 @@ def provenance(config: TrainConfig, pairs_provenance: dict[str, Any] | None) -> 
     ``config.extra``, e.g. the recipe of ``reflow rounds``), and which weights were saved (EMA)."""
     if config.distill_k is not None:
         kind = f"{config.distill_k}-step distillation of {config.init} on {config.pairs}"
+    elif config.objective == "meanflow":
+        kind = f"MeanFlow on {config.pairs or config.data}"
     elif config.pairs is None:
         kind = "1 (independent coupling)"
     else:
@@ -54,7 +56,11 @@ def model_card(name: str, model: nn.Module, config: TrainConfig, pairs_provenanc
     init = config.init
     data = ModelCardData(
         library_name="diffusers" if image else None,
-        pipeline_tag={"image": "unconditional-image-generation", "text": "text-to-image"}.get(kind),
+        pipeline_tag={
+            "image": "unconditional-image-generation",
+            "meanflow": "unconditional-image-generation",
+            "text": "text-to-image",
+        }.get(kind),
         tags=TAGS,
         base_model=init if init is not None and not Path(init).exists() else None,  # a Hub id
     )
@@ -67,7 +73,7 @@ def model_card(name: str, model: nn.Module, config: TrainConfig, pairs_provenanc
             "",
             "## Usage",
             "",
-            *_usage(kind, name, config.distill_k or 4),
+            *_usage(kind, name, config.distill_k or (1 if config.objective == "meanflow" else 4)),
             "",
             "## Provenance",
             "",
@@ -82,11 +88,13 @@ def model_card(name: str, model: nn.Module, config: TrainConfig, pairs_provenanc
 
 def _model_kind(model: nn.Module) -> str:
     """How an exported student loads (``reflow.pipelines.export.save_student``): ``image`` (a DDPMPipeline
-    folder), ``class`` (a remote-code pipeline), ``text`` (a Stable Diffusion folder) or ``mlp``."""
+    folder), ``class`` or ``meanflow`` (a remote-code pipeline), ``text`` (a Stable Diffusion folder) or ``mlp``."""
     from reflow.models.velocity import UNetFlow
 
     if not isinstance(model, UNetFlow):
         return "mlp"
+    if getattr(model, "mean_flow", False):
+        return "meanflow"
     return {"class": "class", "text": "text"}.get(model.conditioning, "image")
 
 
@@ -97,7 +105,11 @@ def _usage(kind: str, name: str, k: int) -> list[str]:
         return ["With reflow installed (samples in model space, float32):", "", "```bash", cli, "```"]
     intro = "In stock diffusers, k Euler steps of the flow (k network calls):"
     load, call = f'DiffusionPipeline.from_pretrained("{name}")', f"pipe(num_inference_steps={k})"
-    if kind == "class":
+    if kind == "meanflow":
+        intro = "In diffusers, with the folder's own pipeline.py, k MeanFlow jumps (k network calls):"
+        load = f'DiffusionPipeline.from_pretrained("{name}", trust_remote_code=True)'
+        call = f"pipe(batch_size=4, num_inference_steps={k})"
+    elif kind == "class":
         intro = "In diffusers, with the folder's own pipeline.py, k Euler steps of the flow (k network calls):"
         load = f'DiffusionPipeline.from_pretrained("{name}", trust_remote_code=True)'
         call = f"pipe(class_labels=[0, 0, 0, 0], num_inference_steps={k})"

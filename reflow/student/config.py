@@ -24,8 +24,16 @@ MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
 LogWith = Literal["auto", "none", "tensorboard", "wandb", "all"]
 """Accelerate trackers; ``auto``: tensorboard when installed, else none."""
 TRACKERS: tuple[str, ...] = get_args(LogWith)
-TrainLoss = Literal["auto", Loss]
-"""A :data:`reflow.core.flow.Loss`, or ``auto``: l2 from data, pseudo_huber on pairs."""
+PerceptualLoss = Literal["lpips", "lpips_huber"]
+"""Perceptual losses (``reflow.core.perceptual``): the LPIPS distance of a network on disk
+(``perceptual_weights``), alone or added to pseudo-Huber; for distillation and MeanFlow, which predict images."""
+TrainLoss = Literal["auto", Loss, PerceptualLoss]
+"""A :data:`reflow.core.flow.Loss`, a :data:`PerceptualLoss`, or ``auto``: l2 from data, pseudo_huber on pairs."""
+PERCEPTUAL: tuple[str, ...] = get_args(PerceptualLoss)
+Objective = Literal["velocity", "meanflow"]
+"""What the student learns: the instantaneous velocity (flow matching) or the average velocity over an
+interval (MeanFlow, Geng et al. 2025: one jump is exact when it is learned)."""
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 
 @dataclass
@@ -39,6 +47,10 @@ class TrainConfig:
     model_config: str | None = None  # JSON config of a fresh model (UNet2DModel or MLPVelocity)
     max_pairs: int | None = None  # train on the first N pairs only
     distill_k: int | None = None  # k-step distillation: regress the k-step Euler output onto z1
+    objective: Objective = "velocity"  # meanflow: learn u(x_t, t, s), the average velocity from t to s
+    equal_fraction: float = 0.75  # meanflow: the fraction of rows with s = t (the rest draw s > t)
+    drop_farthest: float = 0.0  # pairs: drop this fraction with the largest |z1 - z0| (decided once)
+    perceptual_weights: str | None = None  # lpips / lpips_huber: the feature network (config.json + safetensors)
     log_with: LogWith = "auto"  # Accelerate trackers: auto = tensorboard when installed
     allow_pickle: bool = False
     max_steps: int = 5000
@@ -129,8 +141,9 @@ def check_config(config: TrainConfig) -> None:
         raise ReflowError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     if config.time_sampler not in TIME_SAMPLERS:
         raise ReflowError(f"--time-sampler must be one of {', '.join(TIME_SAMPLERS)}")
-    if config.loss not in (*LOSSES, "auto"):
-        raise ReflowError(f"--loss must be one of auto, {', '.join(LOSSES)}")
+    if config.loss not in (*LOSSES, *PERCEPTUAL, "auto"):
+        raise ReflowError(f"--loss must be one of auto, {', '.join(LOSSES + PERCEPTUAL)}")
+    check_student(config)
     if not 0 <= config.ema_decay < 1:
         raise ReflowError(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
     if config.log_with not in TRACKERS:
@@ -140,6 +153,31 @@ def check_config(config: TrainConfig) -> None:
             raise ReflowError(f"--k must be at least 1, got {config.distill_k}")
         if config.pairs is None or config.init is None:
             raise ReflowError("distillation needs --pairs (the teacher's couplings) and --init (the reflow student)")
+
+
+def check_student(config: TrainConfig) -> None:
+    """The settings of the student's objective, pair filter and perceptual loss, in one ReflowError line each."""
+    if config.objective not in OBJECTIVES:
+        raise ReflowError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
+    if not 0 <= config.equal_fraction <= 1:
+        raise ReflowError(f"--equal-fraction must be in [0, 1], got {config.equal_fraction}")
+    if config.objective == "meanflow" and config.distill_k is not None:
+        raise ReflowError("a MeanFlow student needs no distillation (one jump is its sampler); drop --k or --objective")
+    if not 0 <= config.drop_farthest < 1:
+        raise ReflowError(f"--drop-farthest must be in [0, 1), got {config.drop_farthest}")
+    if config.drop_farthest and config.pairs is None:
+        raise ReflowError("--drop-farthest filters stored pairs; it needs --pairs, not --data")
+    if config.loss in PERCEPTUAL:
+        if config.distill_k is None and config.objective != "meanflow":
+            raise ReflowError(
+                f"--loss {config.loss} compares images: use it to distill (reflow distill) or with "
+                "--objective meanflow; a velocity is no image"
+            )
+        if config.perceptual_weights is None:
+            raise ReflowError(
+                f"--loss {config.loss} needs --perceptual-weights PATH (a feature network on disk, e.g. "
+                "data/perceptual/digits-lpips); nothing is downloaded"
+            )
 
 
 def resolve_loss(config: TrainConfig) -> TrainConfig:
@@ -191,11 +229,18 @@ def run_settings(config: TrainConfig) -> dict[str, Any]:
         "pairs": local_path(config.pairs),
         "init": local_path(config.init),
     }
+    if config.perceptual_weights is not None:
+        settings["perceptual_weights"] = local_path(config.perceptual_weights)
     if config.init is None and config.model_config is not None:
         settings["model_config"] = read_model_config(config.model_config)
     elif config.init is None:
         settings |= {k: getattr(config, k) for k in ("hidden_dim", "num_layers", "time_embed_dim")}
     settings |= {k: getattr(config, k) for k in RESULT_SETTINGS}
+    # recorded only when set, so that runs recorded before these settings existed still resume and rerun
+    if config.objective != "velocity":
+        settings |= {"objective": config.objective, "equal_fraction": config.equal_fraction}
+    if config.drop_farthest:
+        settings["drop_farthest"] = config.drop_farthest
     return json_value(settings)
 
 

@@ -26,21 +26,18 @@ from typing import Any
 
 import torch
 
-from reflow.core.flow import distillation_loss, flow_matching_loss
 from reflow.core.solvers import time_grid
 from reflow.errors import ReflowError
 from reflow.folders.runtime import use_cpu
-from reflow.models.velocity import build_model, check_conditioning, init_model
-from reflow.student.batches import StepBatches, TrainData, open_data
+from reflow.models.velocity import build_model, check_conditioning, init_model, to_mean_flow
+from reflow.student.batches import MicroBatch, StepBatches, TrainData, open_data
 from reflow.student.checkpoints import TrainingState, latest_checkpoint, resume, save_checkpoint
 from reflow.student.config import TrainConfig, TrainResult, check_config, resolve_loss, run_settings
+from reflow.student.objectives import Grid, StepLoss, load_features, step_loss
 from reflow.student.output import already_complete, claim, finished_run, save_output
 
 ProgressFn = Callable[[int, int, float, float], None]
 """``progress(step, max_steps, loss, samples_per_second)``."""
-
-Grid = tuple[list[float], list[float]]
-"""A k-step Euler grid: its k + 1 nodes and the k times the model is queried at."""
 
 
 def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
@@ -94,9 +91,10 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     # 5. Resume from the latest checkpoint, if any (claim checked it is this run's).
     start = 0 if ckpt is None else resume(ckpt, state)
 
-    # 6. The loop.
-    grid = distillation_grid(raw, config.distill_k)
-    step, loss, seconds = run_steps(config, state, batches, grid, start, settings, progress)
+    # 6. The loop, on the loss of the objective (a perceptual loss's feature network loaded once).
+    features = load_features(config, data.sample_shape, accelerator.device)
+    loss_of = step_loss(config, distillation_grid(raw, config.distill_k), features, raw)
+    step, loss, seconds = run_steps(config, state, batches, loss_of, start, settings, progress)
 
     # 7. Save the EMA weights, the model card and the marker (main process), and finish the trackers.
     accelerator.wait_for_everyone()
@@ -112,7 +110,7 @@ def run_steps(
     config: TrainConfig,
     state: TrainingState,
     batches: StepBatches,
-    grid: Grid | None,
+    loss_of: StepLoss,
     step: int,
     settings: dict[str, Any],
     progress: ProgressFn | None,
@@ -131,7 +129,7 @@ def run_steps(
             if step + 1 < config.max_steps:
                 upcoming = prefetch.submit(batches.draw, step + 1)  # drawn while this step runs
             for m in range(micro):
-                loss = micro_step(state, *batch.micro(m, accelerator.device), config, grid)
+                loss = micro_step(state, batch.micro(m, accelerator.device), config, loss_of)
                 loss_sum += loss.detach().float() / micro
             state.ema.step(state.raw.parameters())
             step += 1
@@ -148,24 +146,13 @@ def run_steps(
     return step, loss_value, time.perf_counter() - start_time
 
 
-def micro_step(
-    state: TrainingState,
-    z0: torch.Tensor,
-    z1: torch.Tensor,
-    t: torch.Tensor,
-    cond: dict[str, torch.Tensor],
-    config: TrainConfig,
-    grid: Grid | None,
-) -> torch.Tensor:
+def micro_step(state: TrainingState, batch: MicroBatch, config: TrainConfig, loss_of: StepLoss) -> torch.Tensor:
     """Forward (under autocast) and backward on one micro-batch; the optimizer and LR schedule step when
     the gradients of the whole step are in (``accelerator.accumulate``). Returns the loss, on the device."""
     accelerator, model = state.accelerator, state.model
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            if grid is None:
-                loss = flow_matching_loss(model, z0, z1, t, config.loss, config.huber_c, cond)
-            else:
-                loss = distillation_loss(model, z0, z1, *grid, config.loss, config.huber_c, cond)
+            loss = loss_of(model, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients and config.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -197,6 +184,15 @@ def report(
 
 
 def student_model(config: TrainConfig, data: TrainData, settings: dict[str, Any]) -> torch.nn.Module:
+    """The model a training starts from, a MeanFlow one (a second time input, zero at first, so it starts
+    as the velocity model it is made from) for ``objective = "meanflow"``."""
+    model = velocity_model(config, data, settings)
+    if config.objective == "meanflow" and not getattr(model, "mean_flow", False):
+        model = to_mean_flow(model)
+    return model
+
+
+def velocity_model(config: TrainConfig, data: TrainData, settings: dict[str, Any]) -> torch.nn.Module:
     """``--init`` loaded (and checked against the data: sample shape, conditioning), or a fresh model:
     ``--model-config``'s (recorded in ``settings``), else the default for the data's sample shape."""
     pairs = data.pairs
@@ -209,6 +205,8 @@ def student_model(config: TrainConfig, data: TrainData, settings: dict[str, Any]
             hidden_dim=config.hidden_dim,
             num_layers=config.num_layers,
             time_embed_dim=config.time_embed_dim,
+            # a fresh MeanFlow MLP: t at scale 1 (MLPVelocity's docstring); recorded in its config.json
+            **({"time_scale": 1.0} if config.objective == "meanflow" else {}),
         )
     model = init_model(config.init, allow_pickle=config.allow_pickle)
     if tuple(model.sample_shape) != data.sample_shape:

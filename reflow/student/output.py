@@ -79,7 +79,8 @@ def claim(config: TrainConfig, settings: dict[str, Any]) -> Path | None:
     None to start fresh. Checkpoints of an earlier run are refused without ``--resume``, and any made by
     other settings or not ours to load are refused."""
     out = Path(config.out)
-    claim_output(out, "train", inputs=[local_path(config.data), local_path(config.pairs), local_path(config.init)])
+    inputs = [config.data, config.pairs, config.init, config.perceptual_weights]
+    claim_output(out, "train", inputs=[local_path(p) for p in inputs])
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not config.resume:
         raise ReflowError(f"{checkpoint_root(out)} holds checkpoints of an earlier run; pass --resume to continue it")

@@ -180,7 +180,7 @@ def test_toml_config_and_overrides(tmp_path):
     cfg = TrainConfig.from_toml(cfg_file, out="x", data="moons", lr=0.5, max_steps=None)
     assert (cfg.max_steps, cfg.lr, cfg.time_sampler, cfg.data) == (7, 0.5, "logit_normal", "moons")
     cfg_file.write_text('loss = "l1"\n')  # the type is checked here, the choice by train, in its words
-    with pytest.raises(ReflowError, match="^--loss must be one of auto, l2, pseudo_huber$"):
+    with pytest.raises(ReflowError, match="^--loss must be one of auto, l2, pseudo_huber, lpips, lpips_huber$"):
         train(TrainConfig.from_toml(cfg_file, out=str(tmp_path / "m"), data="moons"))
     cfg_file.write_text("learning_rate = 1\n")
     with pytest.raises(ReflowError, match="unknown setting"):
