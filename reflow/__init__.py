@@ -24,6 +24,8 @@ _API = {
     "generate_pairs": "reflow.pairs",
     "verify_pairs": "reflow.pairs",
     "PairsReader": "reflow.pairs",
+    "load_pairs": "reflow.pairs",
+    "with_z0": "reflow.pairs",
     "load_model": "reflow.models",
     "sample": "reflow.eval",
     "EvalSettings": "reflow.eval",

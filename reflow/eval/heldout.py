@@ -43,7 +43,7 @@ def is_pairs(path: str | Path) -> bool:
     if folder_kind(p) == "pairs":
         return True
     try:
-        PairsReader(p, max_rows=1)
+        PairsReader(p, max_rows=1, in_memory="no")
     except ReflowError:
         return False
     return True
@@ -52,7 +52,7 @@ def is_pairs(path: str | Path) -> bool:
 def load_heldout(path: str, shape: tuple[int, ...], *, max_rows: int, allow_pickle: bool = False) -> Heldout:
     """The first ``max_rows`` pairs of ``path``, checked to hold samples of ``shape``. Text pairs stored
     without embeddings get their prompts encoded with the text encoder of the teacher that made them."""
-    reader = PairsReader(path, max_rows=max_rows)
+    reader = PairsReader(path, max_rows=max_rows, in_memory="no")  # read once, below
     if tuple(reader.sample_shape) != shape:
         raise ReflowError(
             f"held-out pairs {path} hold samples of shape {tuple(reader.sample_shape)}, the models make {shape}"

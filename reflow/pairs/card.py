@@ -38,12 +38,14 @@ def dataset_card(name: str, provenance: dict[str, Any], num_rows: int, columns: 
     from huggingface_hub import DatasetCard, DatasetCardData
 
     data = DatasetCardData(pretty_name=TITLE, tags=TAGS, size_categories=size_category(num_rows))
+    stored = "z0" in columns
     text = "\n".join(
         [
             f"# {TITLE} {name}",
             "",
             f"{num_rows} coupled pairs (z0, z1): z0 is the unit Gaussian noise the teacher started from",
             "(z0 of row i = row_noise(seed, index[i])), z1 the teacher's output from it.",
+            "" if stored else "z0 is not stored: `reflow.pairs.with_z0` rebuilds it from the seed and `index`.",
             "",
             *_facts(provenance, num_rows, columns),
             "",
@@ -51,8 +53,11 @@ def dataset_card(name: str, provenance: dict[str, Any], num_rows: int, columns: 
             "",
             "```python",
             "import datasets",
+            *([] if stored else ["from reflow.pairs import with_z0"]),
             "",
-            f'pairs = datasets.load_from_disk("{name}").with_format("torch")',
+            f'pairs = datasets.load_from_disk("{name}").with_format("torch")'
+            if stored
+            else f'pairs = with_z0(datasets.load_from_disk("{name}"))  # rows as torch tensors, z0 included',
             "```",
             "",
             f"Train a student on them with `reflow train --pairs {name} --out MODEL`.",
@@ -79,6 +84,7 @@ def _facts(provenance: dict[str, Any], num_rows: int, columns: list[str]) -> lis
         ("dtype", provenance.get("dtype")),
         ("round", provenance.get("round")),
         ("rows", num_rows),
+        ("z0", "stored" if "z0" in columns else "rebuilt from (seed, index), not stored"),
         ("columns", ", ".join(f"`{c}`" for c in columns)),
     ]
     return ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows)]

@@ -1,4 +1,5 @@
-"""Generating coupled pairs (z0, z1) as a Hugging Face ``datasets`` dataset (columns: ``reflow.pairs.schema``).
+"""Generating coupled pairs (z0, z1) as a Hugging Face ``datasets`` dataset (columns: ``reflow.pairs.schema``;
+z0 is rebuilt from the seed and each row's index unless stored with ``store_z0``).
 
 Generation is sharded (``reflow.pairs.plan``). Work goes to ``PAIRS.partial/``: ``run.json`` (the settings)
 and one folder per finished shard, each written to a temporary name and renamed. A killed run rerun with
@@ -8,7 +9,7 @@ they are joined into ``PAIRS`` (again through a temporary name, ``reflow.pairs.w
 write the same rows. One run at a time: the main process holds the lock ``.PAIRS.lock`` beside ``PAIRS``
 from the start to the end.
 
-The provenance (teacher, solver, nfe, seed, dtype, round, reflow version) is JSON in the dataset info's
+The provenance (teacher, solver, nfe, seed, dtype, round, store_z0, reflow version) is JSON in the dataset info's
 ``description``, in ``reflow_pairs.json`` (with the row count and each file's size and sha256) and in the
 README.md dataset card beside the Arrow files.
 """
@@ -100,6 +101,7 @@ def run_settings(
         "sample_shape": list(rows.shape),
         "round": round_,
         "labels": rows.labels,
+        "store_z0": rows.store_z0,
         "batch_size": batch_size,
         "device": device,
         "software": software(),
@@ -116,10 +118,12 @@ def run_settings(
 
 
 def _features(teacher: Teacher, rows: RowInputs, dtype: str):
-    """The ``datasets`` features of the rows: z0/z1, index, and the teacher's conditioning columns."""
+    """The ``datasets`` features of the rows: z1 (and z0 when stored), index, and the teacher's conditioning
+    columns."""
     text = rows.prompts is not None
     embed_shape = tuple(teacher.embed_shape) if text and rows.store_embeddings else None
-    return pair_features(rows.shape, dtype, labels=rows.labels is not None, prompts=text, embed_shape=embed_shape)
+    labels = rows.labels is not None
+    return pair_features(rows.shape, dtype, labels, text, embed_shape, store_z0=rows.store_z0)
 
 
 def generate_pairs(
@@ -135,10 +139,14 @@ def generate_pairs(
     labels: list[int] | None = None,
     prompts: list[str] | None = None,
     store_embeddings: bool = True,
+    store_z0: bool = False,
     push_to_hub: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Run the teacher on rows 0..num_pairs-1 and write the pairs dataset to ``out``.
+
+    Row i's noise z0 = row_noise(seed, i) is not stored unless ``store_z0``: readers rebuild it from the
+    seed and the row's ``index`` (``reflow.pairs.z0``), bit for bit the float32 noise the teacher was fed.
 
     A class-conditional teacher (``teacher.num_classes`` set) gets a label per row, uniform over
     ``labels`` (default: every class) and a function of (seed, row) alone; it is stored in ``label``.
@@ -160,7 +168,7 @@ def generate_pairs(
     shape = tuple(teacher.sample_shape)
     labels = class_labels(teacher, labels)
     prompts = text_prompts(teacher, prompts)
-    rows = RowInputs(seed, shape, labels, prompts, bool(store_embeddings))
+    rows = RowInputs(seed, shape, labels, prompts, bool(store_embeddings), bool(store_z0))
     if shard_size is None:
         shard_size = default_shard_size(shape, dtype, batch_size)
     plan = ShardPlan(num_pairs, shard_size)

@@ -35,15 +35,17 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class RowInputs:
-    """What the teacher is given for row i: z0 = row_noise(seed, i, shape); for class teachers
-    (``labels`` set) the label row_labels(seed, i, labels); for text teachers (``prompts`` set) prompt
-    ``i mod len(prompts)``, whose embeddings are stored unless ``store_embeddings`` is False."""
+    """What the teacher is given for row i: z0 = row_noise(seed, i, shape), stored only with ``store_z0``;
+    for class teachers (``labels`` set) the label row_labels(seed, i, labels); for text teachers
+    (``prompts`` set) prompt ``i mod len(prompts)``, whose embeddings are stored unless
+    ``store_embeddings`` is False."""
 
     seed: int
     shape: tuple[int, ...]
     labels: list[int] | None = None
     prompts: list[str] | None = None
     store_embeddings: bool = True
+    store_z0: bool = False
 
     def prompt(self, i: int) -> str:
         return self.prompts[i % len(self.prompts)]
@@ -110,7 +112,8 @@ class ShardSink:
             batch.ready.synchronize()
         if not torch.isfinite(batch.z1).all():
             raise ReflowError(f"the teacher produced NaN/inf on rows {batch.idx.start}-{batch.idx.stop - 1}; check it")
-        self.parts["z0"].append(batch.z0.to(self.dtype).numpy())
+        if self.rows.store_z0:
+            self.parts["z0"].append(batch.z0.to(self.dtype).numpy())
         self.parts["z1"].append(batch.z1.to(self.dtype).numpy())
         if batch.y is not None:
             self.parts["y"].append(batch.y.to(self.dtype).numpy() if self.rows.prompts is not None else batch.y.numpy())
@@ -129,11 +132,9 @@ class ShardSink:
         self.parts = {"z0": [], "z1": [], "y": []}
 
     def _columns(self, rows: range) -> dict[str, Any]:
-        columns = {
-            "z0": np.concatenate(self.parts["z0"]),
-            "z1": np.concatenate(self.parts["z1"]),
-            "index": np.arange(rows.start, rows.stop, dtype=np.int64),
-        }
+        columns = {"z0": np.concatenate(self.parts["z0"])} if self.rows.store_z0 else {}
+        columns["z1"] = np.concatenate(self.parts["z1"])
+        columns["index"] = np.arange(rows.start, rows.stop, dtype=np.int64)
         if self.rows.prompts is not None:
             columns["prompt"] = [self.rows.prompt(i) for i in rows]
             if self.rows.store_embeddings:

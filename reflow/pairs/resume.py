@@ -71,6 +71,7 @@ def _same_settings(recorded: dict[str, Any], settings: dict[str, Any], where: Pa
     """Refuse to resume (``resume``) or to return as complete a folder made with other settings. A complete
     folder is returned whatever the ``WORK_KEYS`` are now: rerunning does no work."""
     keys = [k for k in settings if resume or k not in WORK_KEYS]
+    recorded = {"store_z0": True, **recorded}  # recorded before z0 became optional: it was stored
     diff = _differences(recorded, settings, keys)
     if diff:
         fix = f"delete {where} to start over" if resume else "pick a new --out"

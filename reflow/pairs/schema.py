@@ -1,12 +1,14 @@
 """What a pairs folder holds: its columns, their ``datasets`` features, and the provenance record
 ``reflow_pairs.json`` with its integrity fields.
 
-Columns: ``z0`` (the unit Gaussian the teacher started from), ``z1`` (the teacher's sample), both
-fixed-shape float32 or float16 arrays, and ``index`` (the row's seed index: z0 = row_noise(seed, index));
-``label`` for class-conditional teachers; ``prompt`` (and ``prompt_embeds``) for text teachers.
+Columns: ``z1`` (the teacher's sample), a fixed-shape float32 or float16 array, and ``index`` (the row's
+seed index: its z0, the unit Gaussian the teacher started from, is row_noise(seed, index), rebuilt by
+``reflow.pairs.z0``); ``z0`` itself, of z1's shape and dtype, only when generated with ``store_z0`` (and in
+folders written before z0 became optional); ``label`` for class-conditional teachers; ``prompt`` (and
+``prompt_embeds``) for text teachers.
 
-``reflow_pairs.json`` holds the provenance (teacher, solver, nfe, seed, dtype, round, reflow version), the
-row count ``num_rows`` and ``files``: each file's size and sha256. Opening the pairs checks the sizes and
+``reflow_pairs.json`` holds the provenance (teacher, solver, nfe, seed, dtype, round, ``store_z0``, reflow
+version), the row count ``num_rows`` and ``files``: each file's size and sha256. Opening the pairs checks the sizes and
 the rows, ``verify_pairs`` the hashes too. Folders written before these records existed are not checked.
 """
 
@@ -22,7 +24,7 @@ from reflow.folders.files import read_json, sha256_file
 from reflow.folders.kinds import PAIRS_RECORD, folder_kind
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
-"""The dtypes z0/z1 may be stored in, by name."""
+"""The dtypes z1 (and a stored z0) may be stored in, by name."""
 
 CARD = "README.md"
 """The dataset card beside the Arrow files (not in the file records: it is written after them)."""
@@ -45,14 +47,17 @@ def pair_features(
     labels: bool = False,
     prompts: bool = False,
     embed_shape: tuple[int, int] | None = None,
+    store_z0: bool = False,
 ):
-    """Fixed-shape ``datasets`` features for z0/z1 so ``with_format('torch')`` returns stacked tensors,
-    plus ``index``; for class-conditional teachers ``label``; for text teachers ``prompt`` and, when
-    ``embed_shape`` is given, ``prompt_embeds`` (the text encoder's output for the prompt)."""
+    """Fixed-shape ``datasets`` features for z1 (and z0 with ``store_z0``) so ``with_format('torch')``
+    returns stacked tensors, plus ``index``; for class-conditional teachers ``label``; for text teachers
+    ``prompt`` and, when ``embed_shape`` is given, ``prompt_embeds`` (the text encoder's output for the
+    prompt)."""
     import datasets
 
     array = array_feature(tuple(sample_shape), dtype)
-    columns = {"z0": array, "z1": array, "index": datasets.Value("int64")}
+    columns = {"z0": array} if store_z0 else {}
+    columns |= {"z1": array, "index": datasets.Value("int64")}
     if labels:
         columns["label"] = datasets.Value("int64")
     if prompts:

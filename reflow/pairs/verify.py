@@ -28,10 +28,10 @@ def verify_pairs(
     """Check the folder's files against their recorded sizes and sha256, then re-run the recorded teacher
     on ``rows`` random rows and report the largest differences.
 
-    z0 is rebuilt from (seed, index) and compared with the stored z0; the teacher's output from it is
-    compared with the stored z1. A teacher whose weights or configs changed since is refused.
-    ``files_checked`` in the report counts the files whose hashes matched (0 for older folders that
-    recorded none).
+    z0 is rebuilt from (seed, index) and compared with the stored z0, when stored (``z0_stored``; else
+    ``max_abs_diff_z0`` is None: the rebuilt z0 is the pairs' z0); the teacher's output from it is compared
+    with the stored z1. A teacher whose weights or configs changed since is refused. ``files_checked`` in
+    the report counts the files whose hashes matched (0 for older folders that recorded none).
     """
     if rows < 1:
         raise ReflowError(f"--rows must be at least 1, got {rows}")
@@ -47,10 +47,12 @@ def verify_pairs(
     store = DTYPES[prov["dtype"]]
     z0 = row_noise(prov["seed"], sub["index"], tuple(prov["sample_shape"]))
     z1 = _rerun(teacher, z0, sub, batch_size).to(store).float()
+    stored = "z0" in sub
     return {
         "rows": len(z0),
         "dtype": prov["dtype"],
-        "max_abs_diff_z0": (z0.to(store).float() - sub["z0"].float()).abs().max().item(),
+        "z0_stored": stored,
+        "max_abs_diff_z0": (z0.to(store).float() - sub["z0"].float()).abs().max().item() if stored else None,
         "max_abs_diff_z1": (z1 - sub["z1"].float()).abs().max().item(),
         "teacher": rec["teacher"],
         "solver": rec["solver"],

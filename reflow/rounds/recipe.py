@@ -153,6 +153,7 @@ class PairsSpec(_Table):
     labels: list[int] | None = None  # a class-conditional teacher's labels (default: all its classes)
     prompts: str | None = None  # a text-to-image teacher's prompts: a text file or a datasets folder
     store_embeddings: bool = True
+    store_z0: bool = False  # z0 is rebuilt from (seed, index) unless stored
 
     @classmethod
     def from_table(cls, table: dict[str, Any], where: str) -> PairsSpec:

@@ -136,6 +136,7 @@ def make_pairs(ctx: RunContext, job: PairsJob) -> None:
         labels=spec.labels,
         prompts=ctx.prompts,
         store_embeddings=spec.store_embeddings,
+        store_z0=spec.store_z0,
         progress=ctx.progress_of(f"{job.dest.parent.name}/{job.dest.name}").pairs,
     )
 

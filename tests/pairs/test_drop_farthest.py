@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reflow.errors import ReflowError
-from reflow.pairs import PairsReader, generate_pairs
+from reflow.pairs import PairsReader, generate_pairs, with_z0
 from reflow.teachers import FlowTeacher
 
 
@@ -17,19 +17,20 @@ def pairs(tiny_flow, tmp_path_factory):
 
 
 def stored(pairs):
-    ds = datasets.load_from_disk(str(pairs)).with_format("numpy")[:]
-    return np.asarray(ds["z0"], dtype=np.float32), np.asarray(ds["z1"], dtype=np.float32)
+    ds = with_z0(datasets.load_from_disk(str(pairs)))[:]  # z0 rebuilt from (seed, index)
+    return ds["z0"].numpy(), ds["z1"].numpy()
 
 
+@pytest.mark.parametrize("in_memory", ["yes", "no"])
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
-def test_the_farthest_rows_are_dropped_and_the_rest_kept_in_order(pairs, fraction):
+def test_the_farthest_rows_are_dropped_and_the_rest_kept_in_order(pairs, fraction, in_memory):
     z0, z1 = stored(pairs)
     # independent: numpy's norm in float64, the kept rows are the (1 - fraction) nearest
     distance = np.linalg.norm((z1.astype(np.float64) - z0.astype(np.float64)).reshape(len(z0), -1), axis=1)
     dropped = int(np.floor(fraction * len(z0)))
     keep = np.sort(np.argsort(distance, kind="stable")[: len(z0) - dropped])
-    reader = PairsReader(pairs, drop_farthest=fraction)
-    assert len(reader) == len(keep)
+    reader = PairsReader(pairs, drop_farthest=fraction, in_memory=in_memory)
+    assert len(reader) == len(keep) and reader.in_memory == (in_memory == "yes")
     a, b, cond = reader.batch(torch.arange(len(reader)))
     np.testing.assert_array_equal(a.numpy(), z0[keep])
     np.testing.assert_array_equal(b.numpy(), z1[keep])

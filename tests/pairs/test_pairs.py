@@ -15,7 +15,7 @@ from helpers import assert_f32_close, f32_atol, free_port
 from reflow.core.noise import row_noise
 from reflow.errors import ReflowError
 from reflow.models.velocity import load_model
-from reflow.pairs import generate_pairs, load_pairs
+from reflow.pairs import generate_pairs, load_pairs, with_z0
 from reflow.teachers import FlowTeacher
 
 
@@ -38,7 +38,7 @@ def test_row_noise_depends_on_seed_and_index_only():
 
 def test_pairs_are_teacher_outputs_of_stored_noise(tiny_flow, tmp_path):
     teacher = FlowTeacher(tiny_flow, nfe=8, solver="euler")
-    out = generate_pairs(teacher, tmp_path / "pairs", 300, seed=5, batch_size=64, shard_size=128)
+    out = generate_pairs(teacher, tmp_path / "pairs", 300, seed=5, batch_size=64, shard_size=128, store_z0=True)
     ds = datasets.load_from_disk(str(out)).with_format("torch")[:]
     assert list(ds) == ["z0", "z1", "index"] and len(ds["z0"]) == 300
     assert ds["z0"].shape == (300, 2)
@@ -49,6 +49,7 @@ def test_pairs_are_teacher_outputs_of_stored_noise(tiny_flow, tmp_path):
     info = json.loads(datasets.load_from_disk(str(out)).info.description)
     assert info["seed"] == 5 and info["teacher"]["nfe"] == 8 and info["teacher"]["solver"] == "euler"
     assert info["dtype"] == "float32" and info["round"] == 1 and "reflow_version" in info
+    assert info["store_z0"] is True
     assert "Provenance" in (out / "README.md").read_text()
     assert not (tmp_path / "pairs.partial").exists()
     pairs = load_pairs(out)
@@ -102,8 +103,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_rows(tiny_flow, tmp_path):
     generate_pairs(FlowTeacher(tiny_flow, nfe=4), out, 1000, seed=2, batch_size=50, shard_size=100)
     a = datasets.load_from_disk(str(clean)).with_format("numpy")[:]
     b = datasets.load_from_disk(str(out)).with_format("numpy")[:]
-    assert len(b["z0"]) == 1000
-    for col in ("z0", "z1", "index"):
+    assert len(b["z1"]) == 1000
+    for col in ("z1", "index"):
         np.testing.assert_array_equal(a[col], b[col])
     assert not partial.exists()
 
@@ -144,8 +145,8 @@ def test_two_processes_write_the_same_rows_as_one(tiny_flow, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = datasets.load_from_disk(str(one)).with_format("numpy")[:]
     b = datasets.load_from_disk(str(tmp_path / "two")).with_format("numpy")[:]
-    for col in ("z0", "index"):
-        np.testing.assert_array_equal(a[col], b[col])
+    np.testing.assert_array_equal(a["index"], b["index"])
+    assert "z0" not in a and "z0" not in b  # rebuilt from (seed, index): the same for one process or two
     assert_f32_close(b["z1"], a["z1"], steps=4)  # other processes, other batches: float32 noise
 
 
@@ -171,7 +172,7 @@ def test_class_conditional_pairs_labels_and_verify(tmp_path):
     folder = save(tmp_path, "cond", unet, DDPMScheduler(clip_sample=True))
     teacher = load_teacher(folder, nfe=4, solver="ddim")
     out = generate_pairs(teacher, tmp_path / "pairs", 40, seed=7, batch_size=16, labels=[2, 5])
-    cols = datasets.load_from_disk(str(out)).with_format("torch")[:]
+    cols = with_z0(datasets.load_from_disk(str(out)))[:]  # z0 rebuilt from (seed, index)
     assert set(cols["label"].tolist()) == {2, 5}
     from reflow.core.noise import row_labels
 
@@ -183,7 +184,8 @@ def test_class_conditional_pairs_labels_and_verify(tmp_path):
     report = verify_pairs(out, rows=6)
     assert (
         report["rows"] == 6
-        and report["max_abs_diff_z0"] == 0
+        and report["z0_stored"] is False
+        and report["max_abs_diff_z0"] is None
         and report["max_abs_diff_z1"] <= f32_atol(cols["z1"], steps=4)
     )
     with pytest.raises(ReflowError, match="out of range"):

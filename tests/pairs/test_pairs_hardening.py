@@ -107,7 +107,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lock_then_takes_over_wh
         proc.wait()
     # The owner is dead: the next run takes its lock over, finishes, and releases it.
     generate_pairs(teacher(tiny_flow), out, 200, batch_size=50, shard_size=100)
-    assert len(rows(out)["z0"]) == 200
+    assert len(rows(out)["z1"]) == 200
     assert debris(tmp_path) == [] and not (tmp_path / "p.partial").exists()
 
 
@@ -153,7 +153,7 @@ def test_lock_is_released_when_a_run_fails(tiny_flow, tmp_path):
     assert (tmp_path / "p.partial" / "shard-00000").is_dir()
     assert debris(tmp_path) == []
     generate_pairs(teacher(tiny_flow), out, 200, batch_size=50, shard_size=100)
-    assert len(rows(out)["z0"]) == 200 and debris(tmp_path) == []
+    assert len(rows(out)["z1"]) == 200 and debris(tmp_path) == []
 
 
 # 2. leftovers of killed runs ------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def test_a_kill_in_the_final_join_leaves_nothing_the_next_run_trips_on(tiny_flow
         assert (out / "reflow_pairs.json").is_file() and (tmp_path / "p.partial" / "run.json").is_file()
     generate_pairs(teacher(tiny_flow), out, 200, batch_size=50, shard_size=100)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
-    assert len(rows(out)["z0"]) == 200 and verify_pairs(out, rows=4)["max_abs_diff_z1"] <= f32_atol(
+    assert len(rows(out)["z1"]) == 200 and verify_pairs(out, rows=4)["max_abs_diff_z1"] <= f32_atol(
         rows(out)["z1"], steps=4
     )
 
@@ -229,7 +229,7 @@ def test_resume_with_other_batch_size_or_device_is_refused_and_a_complete_folder
     (work / "run.json").write_text(json.dumps(run))
     generate_pairs(teacher(tiny_flow), out, 200, batch_size=50, shard_size=100)
     a, b = rows(clean), rows(out)
-    for col in ("z0", "z1", "index"):
+    for col in ("z1", "index"):
         np.testing.assert_array_equal(a[col], b[col])
     # A complete folder does no work on a rerun, so another batch size (and so shard size) returns it as it is.
     before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from reflow.cli.app import app
 from reflow.errors import ReflowError
+from reflow.pairs import with_z0
 from reflow.rounds import Recipe
 
 RECIPE = """
@@ -97,9 +98,9 @@ def test_two_rounds_killed_midway_resume_and_complete(tmp_path):
     held = json.loads((run / "heldout" / "reflow_pairs.json").read_text())
     assert held["teacher"]["teacher"] == str((run / "round-1" / "student").resolve())
     assert (held["teacher"]["solver"], held["teacher"]["nfe"]) == ("euler", 8)
-    ds, r2 = load_from_disk(str(run / "heldout")).with_format("numpy"), load_from_disk(str(run / "round-2" / "pairs"))
-    z0, z1 = np.stack(ds["z0"]).astype(np.float32), np.stack(ds["z1"]).astype(np.float32)
-    assert not np.isin(z0[:, 0], np.stack(r2.with_format("numpy")["z0"])[:, 0]).any()
+    ds, r2 = with_z0(load_from_disk(str(run / "heldout")))[:], with_z0(load_from_disk(str(run / "round-2" / "pairs")))
+    z0, z1 = ds["z0"].numpy(), ds["z1"].numpy()
+    assert not np.isin(z0[:, 0], r2[:]["z0"][:, 0].numpy()).any()
     np.save(tmp_path / "z0.npy", z0)
     out = tmp_path / "x.npy"
     cli_ok("sample", "--model", run / "round-2" / "student", "--nfe", 1, "--noise", tmp_path / "z0.npy", "--out", out)

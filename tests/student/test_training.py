@@ -254,9 +254,11 @@ def test_pairs_reader_gathers_exactly_the_stored_rows(tiny_flow, tmp_path):
 
     from reflow.pairs import PairsReader
 
-    pairs = generate_pairs(FlowTeacher(tiny_flow, nfe=2), tmp_path / "pairs", 100, batch_size=32, shard_size=32)
+    pairs = generate_pairs(
+        FlowTeacher(tiny_flow, nfe=2), tmp_path / "pairs", 100, batch_size=32, shard_size=32, store_z0=True
+    )
     stored = datasets.load_from_disk(str(pairs)).with_format("numpy")
-    reader = PairsReader(pairs)
+    reader = PairsReader(pairs, in_memory="no")
     assert reader._views is not None and len(reader._views["z0"]) > 1  # several Arrow chunks, viewed in place
     idx = torch.tensor([99, 0, 31, 32, 64, 5, 5])
     z0, z1, cond = reader.batch(idx)
