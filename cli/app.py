@@ -181,6 +181,14 @@ DropFarthest = Annotated[
         rich_help_panel="Method",
     ),
 ]
+PairsInMemory = Annotated[
+    str | None,
+    typer.Option(
+        help="Pairs: auto (read into memory when they fit a quarter of the available memory), yes, or no "
+        "(stream from the memory-mapped files); the batches are the same either way.",
+        rich_help_panel="Training",
+    ),
+]
 EmaDecay = Annotated[float | None, typer.Option(help="EMA decay of the saved weights.", rich_help_panel="Method")]
 MaxPairs = Annotated[
     int | None, typer.Option(help="Train on the first N pairs only (default: all).", rich_help_panel="Method")
@@ -293,10 +301,23 @@ def train_cmd(
     ] = None,
     drop_farthest: DropFarthest = None,
     perceptual_weights: PerceptualWeights = None,
+    pairs_in_memory: PairsInMemory = None,
+    coupling: Annotated[
+        str | None,
+        typer.Option(
+            help="From --data: independent (default), ot (exact minibatch OT per batch, POT) or sinkhorn "
+            "(entropic OT, for large batches).",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    sinkhorn_reg: Annotated[
+        float | None,
+        typer.Option(help="--coupling sinkhorn: regularisation, relative to the mean cost.", rich_help_panel="Method"),
+    ] = None,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Train a flow: from data (round 1, independent coupling) or from teacher pairs (reflow); --objective
-    meanflow trains a MeanFlow student."""
+    """Train a flow: from data (round 1, independent or minibatch-OT coupling) or from teacher pairs (reflow);
+    --objective meanflow trains a MeanFlow student."""
     _run_training(_training_config(locals()))
 
 
@@ -321,6 +342,7 @@ def distill_cmd(
     max_pairs: MaxPairs = None,
     drop_farthest: DropFarthest = None,
     perceptual_weights: PerceptualWeights = None,
+    pairs_in_memory: PairsInMemory = None,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Distill a student into a k-step generator: regress its k-step Euler output from z0 onto the teacher's z1."""

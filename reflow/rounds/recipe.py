@@ -72,6 +72,7 @@ _DISTILL = {
     "seed",
     "drop_farthest",
     "perceptual_weights",
+    "pairs_in_memory",
 }
 _PAIRS_RECORDED = ("num_pairs", "solver", "nfe", "heldout", "batch_size")  # in the digest, written or not
 _TABLES = ("teacher", "pairs", "train", "distill", "eval")
@@ -197,6 +198,8 @@ class TrainSpec:
             per_round[int(key[5:])] = value
         source = "data" if from_data else "pairs"
         _check_train_table(every_round, where, "train", source=source)
+        if from_data and any(k not in per_round for k in range(2, rounds + 1)):  # later rounds train on pairs
+            _check_train_table(every_round, where, "train", source="pairs")
         for k, overrides in per_round.items():
             _check_train_table(
                 overrides, where, f"train.round{k}", every_round, "data" if k == 1 and from_data else "pairs"

@@ -1,7 +1,9 @@
 """The data of a training and the batch of each step.
 
 The batch of step s is a function of (seed, s) alone: every process draws the same global batch from a
-generator seeded by (seed, s) and keeps its own slice, split into micro-batches for gradient accumulation.
+generator seeded by (seed, s) (from data: coupled by ``--coupling`` on the whole global batch; from pairs: the
+same rows whether they are read from memory or from the files) and keeps its own slice, split into
+micro-batches for gradient accumulation.
 So a resumed run and an N-process run see exactly the rows an uninterrupted one-process run sees. The
 loop draws the batch of step s + 1 on a background thread while step s runs (:meth:`StepBatches.draw`
 only touches the CPU, with its own generator), into pinned memory on CUDA so the copy to the device
@@ -15,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from reflow.core.coupling import couple
 from reflow.core.meanflow import sample_interval
 from reflow.core.timesteps import sample_time
 from reflow.errors import ReflowError
@@ -25,8 +28,9 @@ from reflow.student.config import TrainConfig
 
 @dataclass
 class TrainData:
-    """What a training learns from: a data ``source`` (round 1, independent coupling z0 ~ N(0, I),
-    z1 ~ data) or stored teacher ``pairs`` (round k, distillation), and the shape of one sample."""
+    """What a training learns from: a data ``source`` (round 1: z0 ~ N(0, I), z1 ~ data, coupled
+    independently or by minibatch OT) or stored teacher ``pairs`` (round k, distillation), and the shape of
+    one sample."""
 
     source: DataSource | None
     pairs: PairsReader | None
@@ -34,12 +38,14 @@ class TrainData:
 
 
 def open_data(config: TrainConfig) -> TrainData:
-    """The data of ``config``: ``--data`` resolved, or ``--pairs`` opened to stream from Arrow (text pairs
-    stored as prompts only get their prompt embeddings first)."""
+    """The data of ``config``: ``--data`` resolved, or ``--pairs`` opened, read into memory or streamed from
+    Arrow as ``--pairs-in-memory`` says (text pairs stored as prompts only get their prompt embeddings first)."""
     if config.data is not None:
         source = load_source(config.data)
         return TrainData(source=source, pairs=None, sample_shape=tuple(source.sample_shape))
-    pairs = PairsReader(config.pairs, max_rows=config.max_pairs, drop_farthest=config.drop_farthest)
+    pairs = PairsReader(
+        config.pairs, max_rows=config.max_pairs, drop_farthest=config.drop_farthest, in_memory=config.pairs_in_memory
+    )
     if pairs.conditioning == "text" and not pairs.has_embeddings:
         attach_prompt_embeddings(pairs, config.allow_pickle)
     return TrainData(source=None, pairs=pairs, sample_shape=pairs.sample_shape)
@@ -110,6 +116,7 @@ class StepBatches:
             )
         self.data, self.seed, self.batch_size = data, config.seed, config.batch_size
         self.time_sampler = config.time_sampler
+        self.coupling, self.sinkhorn_reg = config.coupling, config.sinkhorn_reg
         self.mean_flow = config.objective == "meanflow"
         self.equal_fraction = config.equal_fraction
         self.local = config.batch_size // (world * self.micro)
@@ -126,6 +133,7 @@ class StepBatches:
         else:
             z1 = self.data.source.sample(n, g)
             z0 = torch.randn(n, *self.data.sample_shape, generator=g)
+            z1 = couple(z0, z1, self.coupling, reg=self.sinkhorn_reg, generator=g)  # on the whole global batch
         cond = {k: self._split(v) for k, v in cond.items()}
         if self.mean_flow:
             t, s = sample_interval(n, self.time_sampler, equal_fraction=self.equal_fraction, generator=g)

@@ -26,6 +26,9 @@ CONVENTION = (
 )
 
 
+COUPLING_NAMES = {"independent": "independent", "ot": "minibatch OT", "sinkhorn": "minibatch Sinkhorn OT"}
+
+
 def provenance(config: TrainConfig, pairs_provenance: dict[str, Any] | None) -> dict[str, Any]:
     """How the model was made: reflow's version, the round, the pairs' provenance, every setting (and
     ``config.extra``, e.g. the recipe of ``reflow rounds``), and which weights were saved (EMA)."""
@@ -34,7 +37,7 @@ def provenance(config: TrainConfig, pairs_provenance: dict[str, Any] | None) -> 
     elif config.objective == "meanflow":
         kind = f"MeanFlow on {config.pairs or config.data}"
     elif config.pairs is None:
-        kind = "1 (independent coupling)"
+        kind = f"1 ({COUPLING_NAMES[config.coupling]} coupling)"
     else:
         kind = f"reflow on {config.pairs}"
     return {

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from reflow.core.coupling import COUPLINGS, Coupling
 from reflow.core.flow import LOSSES, Loss
 from reflow.core.noise import MAX_SEED
 from reflow.core.timesteps import TIME_SAMPLERS, TimeSampler
 from reflow.errors import ReflowError
+from reflow.pairs.reader import IN_MEMORY, InMemory
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 """Accelerate's ``mixed_precision``: autocast to fp16 (with a grad scaler) or bf16; a no-op on CPU."""
@@ -50,6 +52,9 @@ class TrainConfig:
     objective: Objective = "velocity"  # meanflow: learn u(x_t, t, s), the average velocity from t to s
     equal_fraction: float = 0.75  # meanflow: the fraction of rows with s = t (the rest draw s > t)
     drop_farthest: float = 0.0  # pairs: drop this fraction with the largest |z1 - z0| (decided once)
+    pairs_in_memory: InMemory = "auto"  # pairs: read into memory (auto: when they fit the budget) or stream
+    coupling: Coupling = "independent"  # from data: pair noise and data per batch (ot: exact minibatch OT)
+    sinkhorn_reg: float = 0.05  # coupling = sinkhorn: entropic regularisation, relative to the mean cost
     perceptual_weights: str | None = None  # lpips / lpips_huber: the feature network (config.json + safetensors)
     log_with: LogWith = "auto"  # Accelerate trackers: auto = tensorboard when installed
     allow_pickle: bool = False
@@ -167,6 +172,7 @@ def check_student(config: TrainConfig) -> None:
         raise ReflowError(f"--drop-farthest must be in [0, 1), got {config.drop_farthest}")
     if config.drop_farthest and config.pairs is None:
         raise ReflowError("--drop-farthest filters stored pairs; it needs --pairs, not --data")
+    check_data_settings(config)
     if config.loss in PERCEPTUAL:
         if config.distill_k is None and config.objective != "meanflow":
             raise ReflowError(
@@ -178,6 +184,20 @@ def check_student(config: TrainConfig) -> None:
                 f"--loss {config.loss} needs --perceptual-weights PATH (a feature network on disk, e.g. "
                 "data/perceptual/digits-lpips); nothing is downloaded"
             )
+
+
+def check_data_settings(config: TrainConfig) -> None:
+    """How pairs are read and how round 1 couples noise and data, in one ReflowError line each."""
+    if config.pairs_in_memory not in IN_MEMORY:
+        raise ReflowError(f"--pairs-in-memory must be one of {', '.join(IN_MEMORY)}, got {config.pairs_in_memory!r}")
+    if config.coupling not in COUPLINGS:
+        raise ReflowError(f"--coupling must be one of {', '.join(COUPLINGS)}, got {config.coupling!r}")
+    if config.coupling != "independent" and config.data is None:
+        raise ReflowError(
+            f"--coupling {config.coupling} pairs noise with data in round 1 (--data); pairs are already coupled"
+        )
+    if not config.sinkhorn_reg > 0:
+        raise ReflowError(f"--sinkhorn-reg must be positive, got {config.sinkhorn_reg}")
 
 
 def resolve_loss(config: TrainConfig) -> TrainConfig:
@@ -241,6 +261,10 @@ def run_settings(config: TrainConfig) -> dict[str, Any]:
         settings |= {"objective": config.objective, "equal_fraction": config.equal_fraction}
     if config.drop_farthest:
         settings["drop_farthest"] = config.drop_farthest
+    if config.coupling != "independent":
+        settings["coupling"] = config.coupling
+        if config.coupling == "sinkhorn":
+            settings["sinkhorn_reg"] = config.sinkhorn_reg
     return json_value(settings)
 
 

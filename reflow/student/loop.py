@@ -1,5 +1,5 @@
-"""One training loop for round 1 (independent coupling from data), round k (teacher pairs) and k-step
-distillation.
+"""One training loop for round 1 (from data, independent or minibatch-OT coupling), round k (teacher pairs)
+and k-step distillation.
 
 Plain torch on Accelerate (one CPU, many GPUs, many nodes): ``prepare`` once, ``accumulate``,
 ``backward``. :func:`train` reads top to bottom in numbered steps, each a call into the modules beside it:
@@ -58,7 +58,7 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         return already_complete(out, finished, settings)
     ckpt = claim(config, settings)
 
-    # 2. Data: a source to draw z1 from (independent coupling), or stored pairs streamed from Arrow.
+    # 2. Data: a source to draw z1 from (independent or OT coupling), or stored pairs (in memory or streamed).
     data = open_data(config)
 
     # 3. Model: a fresh one's initial weights follow the seed.

@@ -128,6 +128,12 @@ def test_two_rounds_killed_midway_resume_and_complete(tmp_path):
         ('[teacher]\ndata = "moons"\n[train]\nmax_stepz = 3\n', "max_stepz"),
         ('[teacher]\ncheckpoint = "x"\n', "reference"),
         ('[teacher]\ndata = "moons"\n[train]\ninit = "teacher"\n', "init must be"),
+        (
+            'rounds = 2\n[teacher]\ndata = "moons"\n[train]\ncoupling = "ot"\n',
+            "\\[train\\] coupling ot pairs noise with data",
+        ),
+        ('[teacher]\ndata = "moons"\n[train]\npairs_in_memory = "always"\n', "pairs_in_memory must be one of"),
+        ('[teacher]\ndata = "moons"\n[pairs]\nstore_z0 = "no"\n', "store_z0"),
     ],
 )
 def test_bad_recipes(tmp_path, text, msg):
@@ -135,6 +141,18 @@ def test_bad_recipes(tmp_path, text, msg):
     path.write_text(text)
     with pytest.raises(ReflowError, match=msg):
         Recipe.from_toml(path)
+
+
+def test_recipes_take_the_coupling_the_pair_reading_and_store_z0(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(
+        'rounds = 2\n[teacher]\ndata = "moons"\n[pairs]\nstore_z0 = true\n[train]\npairs_in_memory = "no"\n'
+        '[train.round1]\ncoupling = "ot"\n[distill]\npairs_in_memory = "yes"\n'
+    )
+    recipe = Recipe.from_toml(path)
+    assert recipe.pairs.store_z0 and recipe.distill.train["pairs_in_memory"] == "yes"
+    assert recipe.train.for_round(1, 0)[0]["coupling"] == "ot" and "coupling" not in recipe.train.for_round(2, 0)[0]
+    assert recipe.train.for_round(2, 0)[0]["pairs_in_memory"] == "no"
 
 
 def test_shipped_recipes_parse():
