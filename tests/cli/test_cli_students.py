@@ -75,3 +75,24 @@ def test_meanflow_through_the_cli_and_its_errors(tmp_path, tiny_flow):
         "compares images (C, H, W)",
     )
     assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
+
+
+def test_coupling_pairs_in_memory_and_store_z0_through_the_cli(tmp_path, tiny_flow):
+    out = tmp_path / "ot"
+    cli_ok("train", "--data", "moons", "--coupling", "ot", "--max-steps", 2, "--out", out, *TINY)
+    assert "minibatch OT coupling" in (out / "README.md").read_text()
+    one_error_line(
+        invoke("train", "--data", "moons", "--coupling", "exact", "--max-steps", 2, "--out", tmp_path / "x", *TINY),
+        "--coupling must be one of independent, ot, sinkhorn",
+    )
+    pairs = tmp_path / "pairs"
+    cli_ok("generate", "--teacher", tiny_flow, "--out", pairs, "--num-pairs", 64, "--nfe", 2, "--store-z0")
+    assert (pairs / "reflow_pairs.json").read_text().count('"store_z0": true') == 1
+    for mode in ("yes", "no"):
+        cli_ok("train", "--pairs", pairs, "--pairs-in-memory", mode, "--max-steps", 2, "--out", tmp_path / mode, *TINY)
+    cli_ok("distill", "--pairs", pairs, "--init", tmp_path / "yes", "--pairs-in-memory", "no", "--max-steps", 1,
+           "--out", tmp_path / "d", *TINY)  # fmt: skip
+    one_error_line(
+        invoke("train", "--pairs", pairs, "--pairs-in-memory", "maybe", "--out", tmp_path / "m", *TINY),
+        "--pairs-in-memory must be one of auto, yes, no",
+    )
