@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from reflow.core.flow import Conditioned, Velocity
+from reflow.core.progress import OnCall
 from reflow.core.solvers import ODESolution, solve
 
 
@@ -24,11 +25,12 @@ def sample(
     measure_straightness: bool = False,
     clamp: bool = True,
     cond: dict[str, torch.Tensor | None] | None = None,
+    on_call: OnCall | None = None,
 ) -> ODESolution:
     """Solve from z0 in batches; images (C, H, W) are clamped to [-1, 1] unless ``clamp`` is False (latents).
     ``cond``: per-sample conditioning for a conditional model (``class_labels`` (N,), ``encoder_hidden_states``
     (N, seq, dim)), batched with z0. Returns z1 on the CPU, the largest NFE of any batch and the
-    batch-weighted straightness and curvature when asked."""
+    batch-weighted straightness and curvature when asked. ``on_call(rows)``: after each network call."""
     cond = {k: v for k, v in (cond or {}).items() if v is not None}
     for name, value in cond.items():
         if len(value) != len(z0):
@@ -39,7 +41,7 @@ def sample(
         field = velocity
         if cond:
             field = Conditioned(velocity, **{k: v[b : b + batch_size].to(device) for k, v in cond.items()})
-        sol = solve(field, chunk, nfe, solver, measure_straightness=measure_straightness)
+        sol = solve(field, chunk, nfe, solver, measure_straightness=measure_straightness, on_call=on_call)
         outs.append(sol.z1.float().cpu())
         nfe_used = max(nfe_used, sol.nfe)
         if sol.straightness is not None:
