@@ -50,8 +50,8 @@ KILL = textwrap.dedent(
     """
     import os, signal, sys
     from reflow.rounds.run import run_rounds
-    def progress(stage, done, total, info=""):
-        if stage == "train round 2" and done >= 15:
+    def progress(update):
+        if update.stage == "round-2/student" and update.done >= 15:
             os.kill(os.getpid(), signal.SIGKILL)
     run_rounds(sys.argv[1], sys.argv[2], progress=progress)
     """
@@ -67,7 +67,8 @@ def test_two_rounds_killed_midway_resume_and_complete(tmp_path):
     before = json.loads((run / "manifest.json").read_text())
     assert not before["complete"]
     assert {"round-1/student", "round-1/report", "round-2/pairs"} <= set(before["stages"])
-    assert "round-2/student" not in before["stages"]
+    # the killed stage is not done (it may hold a running record: its time so far)
+    assert before["stages"].get("round-2/student", {}).get("status") in (None, "running")
     assert (run / "round-2" / "student.checkpoints").is_dir()  # killed after the step-10 checkpoint
 
     r = CliRunner().invoke(app, ["rounds", "--config", str(recipe), "--out", str(run)])

@@ -1,4 +1,5 @@
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def test_round1_learns_and_writes_a_model_folder(tmp_path):
         TrainConfig(out=str(tmp_path / "m"), data="8gaussians", max_steps=200, lr=3e-3, **TINY),
         progress=lambda step, total, loss, sps: losses.append(loss),
     )
+    losses = [loss for loss in losses if not math.isnan(loss)]  # the calls before the first log step carry NaN
     assert result.steps == 200 and (tmp_path / "m" / "config.json").is_file()
     assert losses[-1] < 0.8 * losses[0]
     card = (tmp_path / "m" / "README.md").read_text()
