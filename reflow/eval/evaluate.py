@@ -127,6 +127,7 @@ class _Work:
     total: int
     done: int = 0
     info: str = ""
+    busy: bool = False  # within a phase: not done before it ends, whatever the count says
     tick: Throttle = field(default_factory=lambda: Throttle(PROGRESS_SECONDS))
 
     def on_call(self, rows: int) -> None:
@@ -136,16 +137,17 @@ class _Work:
 
     def report(self) -> None:
         if self.progress:
-            self.progress(Update("eval", self.done, max(self.total, self.done), "calls", self.info))
+            total = max(self.total, self.done + 1 if self.busy else self.done)
+            self.progress(Update("eval", self.done, total, "calls", self.info))
 
     @contextmanager
     def phase(self, info: str, expected: int) -> Iterator[None]:
         """A piece of work planned at ``expected`` calls; the total follows what it really took (an
         adaptive solve's calls are known only once it has run)."""
-        self.info, start = info, self.done
+        self.info, self.busy, start = info, True, self.done
         yield
         self.total += (self.done - start) - expected
-        self.info = ""
+        self.info, self.busy = "", False
         self.report()
 
 
