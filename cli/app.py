@@ -1,20 +1,28 @@
 """reflow: turn slow diffusion models into fast few-step generators by rectified-flow distillation.
 
 Time convention everywhere: t = 0 is noise, t = 1 is data.
+
+Progress shows as a live bar on a terminal, and as timestamped lines (each stage's start, every 10% or
+30 s with its rate and ETA, its end) when output goes to a file or a pipe; --quiet shows none, --log-file
+keeps the lines. Under torchrun or accelerate launch only the main process prints.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from reflow.cli.progress import Reporter, is_local_main
+from reflow.core.progress import Progress, StageProgress
 from reflow.errors import ReflowError
 from reflow.version import __version__
 
@@ -23,9 +31,52 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # click's plain help: it wraps to any width (rich's option table cuts long option names at 80 columns)
+    rich_markup_mode=None,
 )
 console = Console(soft_wrap=True)  # a path or figure line is never broken mid-word
 err_console = Console(stderr=True)
+
+
+@dataclass
+class _Output:
+    """The global options of this invocation: ``--quiet``, and the ``--log-file`` with a console on it."""
+
+    quiet: bool = False
+    log: TextIO | None = None
+    log_console: Console | None = None
+
+
+OUTPUT = _Output()
+
+
+def show(*objects: Any) -> None:
+    """Print results on stdout (the local main process only) and into the --log-file."""
+    if is_local_main():
+        console.print(*objects)
+    if OUTPUT.log_console is not None:
+        OUTPUT.log_console.print(*objects)
+
+
+@contextmanager
+def progress_shown() -> Iterator[Progress]:
+    """The progress callback of a command: a live bar when stderr is a terminal, timestamped lines when it
+    is not, nothing on screen with --quiet, lines into the --log-file; only on the local main process."""
+    if not is_local_main():
+        yield lambda update: None
+        return
+    terminal = err_console.is_terminal
+    live = err_console if terminal and not OUTPUT.quiet else None
+    streams = [] if terminal or OUTPUT.quiet else [sys.stderr]
+    if OUTPUT.log is not None:
+        streams.append(OUTPUT.log)
+    reporter = Reporter(live, streams)
+    finished = False
+    try:
+        yield reporter
+        finished = True
+    finally:
+        reporter.close(finished)
 
 
 def _quiet_libraries() -> None:
@@ -42,6 +93,8 @@ def _fail(message: str) -> typer.Exit:
     from rich.markup import escape
 
     err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    if OUTPUT.log_console is not None:
+        OUTPUT.log_console.print(f"error: {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -69,41 +122,6 @@ def user_errors(fn):
             ) from None
 
     return wrapper
-
-
-class _Bar:
-    """A rich progress bar that appears on its first update, so an early error prints alone."""
-
-    def __init__(self, description: str):
-        self.description = description
-        self.progress: Progress | None = None
-        self.task = None
-
-    def update(self, completed: int, total: int, info: str = "", description: str | None = None) -> None:
-        if self.progress is None:
-            if os.environ.get("LOCAL_RANK", "0") != "0":
-                return
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=err_console,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(self.description, total=total, info="")
-        self.progress.update(
-            self.task, completed=completed, total=total, info=info, description=description or self.description
-        )
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 def _device():
@@ -227,28 +245,24 @@ def _training_config(flags: dict, **renamed: str):
     return TrainConfig(**overrides)
 
 
-def _run_training(config) -> None:
+def _run_training(config, stage: str) -> None:
     from reflow.student import train
 
-    with _Bar("train") as bar:
-
-        def on_step(step: int, total: int, loss: float, sps: float) -> None:
-            bar.update(step, total, f"loss {loss:.4g}  {sps:,.0f} samples/s")
-
-        result = train(config, progress=on_step)
+    with progress_shown() as progress:
+        result = train(config, progress=StageProgress(progress, stage).steps)
     if result.already_complete:
-        console.print(
+        show(
             f"[bold]{result.out}[/bold] already complete: {result.steps} steps, final loss {result.loss:.4g}; "
             "nothing to do"
         )
         return
-    console.print(
+    show(
         f"wrote [bold]{result.out}[/bold]: {result.steps} steps, final loss {result.loss:.4g}, "
         f"{result.samples_per_second:,.0f} samples/s"
     )
 
 
-@app.command("train")
+@app.command("train", short_help="Train a flow from data (round 1) or from teacher pairs.")
 @user_errors
 def train_cmd(
     out: Annotated[Path, typer.Option(help="Model folder to write (an image model: a diffusers pipeline).")],
@@ -318,10 +332,10 @@ def train_cmd(
 ) -> None:
     """Train a flow: from data (round 1, independent or minibatch-OT coupling) or from teacher pairs (reflow);
     --objective meanflow trains a MeanFlow student."""
-    _run_training(_training_config(locals()))
+    _run_training(_training_config(locals()), "train")
 
 
-@app.command("distill")
+@app.command("distill", short_help="Distill a student into a k-step generator.")
 @user_errors
 def distill_cmd(
     pairs: Annotated[Path, typer.Option(help="The teacher's pairs (z0 -> z1) to distill onto.")],
@@ -346,10 +360,10 @@ def distill_cmd(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Distill a student into a k-step generator: regress its k-step Euler output from z0 onto the teacher's z1."""
-    _run_training(_training_config(locals(), k="distill_k"))
+    _run_training(_training_config(locals(), k="distill_k"), "distill")
 
 
-@app.command("generate")
+@app.command("generate", short_help="Run a teacher on seeded noise and store the pairs.")
 @user_errors
 def generate_cmd(
     teacher: Annotated[Path, typer.Option(help="Teacher: a reflow model folder or a diffusers pipeline folder.")],
@@ -449,11 +463,7 @@ def generate_cmd(
         overrides["clipped_model_output"] = True
     prompt_list = read_prompts(prompts, prompt_column) if prompts is not None else None
     t = load_teacher(teacher, nfe=nfe, solver=solver, device=_device(), allow_pickle=allow_pickle, **overrides)
-    with _Bar("generate") as bar:
-
-        def on_rows(done: int, total: int) -> None:
-            bar.update(done, total)
-
+    with progress_shown() as progress:
         path = generate_pairs(
             t,
             out,
@@ -468,12 +478,12 @@ def generate_cmd(
             store_embeddings=store_embeddings,
             store_z0=store_z0,
             push_to_hub=push_to_hub,
-            progress=on_rows,
+            progress=StageProgress(progress, "generate").pairs,
         )
-    console.print(f"wrote [bold]{path}[/bold]: {num_pairs} pairs")
+    show(f"wrote [bold]{path}[/bold]: {num_pairs} pairs")
 
 
-@app.command("verify-pairs")
+@app.command("verify-pairs", short_help="Re-run the recorded teacher on some rows and compare.")
 @user_errors
 def verify_pairs_cmd(
     pairs: Annotated[Path, typer.Argument(help="Pairs folder written by `reflow generate`.")],
@@ -487,9 +497,10 @@ def verify_pairs_cmd(
     """Re-run the recorded teacher on sampled rows and report the largest difference (exit 1 if too large)."""
     from reflow.pairs import verify_pairs
 
-    report = verify_pairs(pairs, rows, seed=seed, device=_device(), allow_pickle=allow_pickle)
+    with progress_shown() as progress:
+        report = verify_pairs(pairs, rows, seed=seed, device=_device(), allow_pickle=allow_pickle, progress=progress)
     if report["files_checked"]:
-        console.print(f"files: {report['files_checked']} match their recorded sha256")
+        show(f"files: {report['files_checked']} match their recorded sha256")
     tol = atol if atol is not None else (1e-4 if report["dtype"] == "float32" else 2e-3)
     table = Table(title=f"{pairs}: {report['rows']} rows re-run ({report['solver']}, nfe {report['nfe']})")
     table.add_column("column")
@@ -497,29 +508,35 @@ def verify_pairs_cmd(
     z0_diff = report["max_abs_diff_z0"]
     table.add_row("z0", "not stored (rebuilt)" if z0_diff is None else f"{z0_diff:.3g}")
     table.add_row("z1", f"{report['max_abs_diff_z1']:.3g}")
-    console.print(table)
+    show(table)
     worst = max(z0_diff or 0.0, report["max_abs_diff_z1"])
     if worst > tol:
         err_console.print(f"[red]mismatch:[/red] {worst:.3g} > {tol:.3g}")
+        if OUTPUT.log_console is not None:
+            OUTPUT.log_console.print(f"mismatch: {worst:.3g} > {tol:.3g}")
         raise typer.Exit(code=1)
-    console.print(f"ok: within {tol:.3g}")
+    show(f"ok: within {tol:.3g}")
 
 
-@app.command("sample")
+@app.command("sample", short_help="Draw samples from a model in K network calls.")
 @user_errors
 def sample_cmd(
-    model: Annotated[Path, typer.Option(help="Model folder.")],
+    model: Annotated[Path, typer.Option(help="Model folder: ours, or a diffusers DDPM checkpoint.")],
     out: Annotated[Path, typer.Option(help="Where to write the samples (.npy, float32, model space).")],
     nfe: Annotated[
         int,
         typer.Option(
-            help="Network calls: Euler steps on the model's grid (uniform; for an image student, its scheduler's)."
+            help="Network calls: Euler steps on the model's grid (uniform; for an image student, its "
+            "scheduler's); a diffusers checkpoint's own DDIM steps."
         ),
     ] = 1,
     num: Annotated[int | None, typer.Option(help="Number of samples (with --seed).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed: sample i starts from row_noise(seed, i).")] = 0,
     noise: Annotated[Path | None, typer.Option(help="Start from this z0 array (.npy) instead of --num/--seed.")] = None,
-    solver: Annotated[str, typer.Option(help="euler, heun or adaptive.")] = "euler",
+    solver: Annotated[
+        str | None,
+        typer.Option(help="Flows: euler (default), heun or adaptive. Diffusers checkpoints: ddim (default) or dpm."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4096,
     labels: Annotated[
         str | None,
@@ -532,37 +549,64 @@ def sample_cmd(
     decode: Annotated[
         bool, typer.Option("--decode", help="Text-to-image models: write VAE-decoded images in [-1, 1], not latents.")
     ] = False,
+    grid: Annotated[
+        Path | None, typer.Option(help="Also draw the image samples into this PNG (16 per row, enlarged).")
+    ] = None,
     allow_pickle: AllowPickleModels = False,
 ) -> None:
-    """Draw samples from a flow model in K network calls (conditional models: with --labels or --prompts;
-    the labels or prompts used go to OUT with .labels.npy / .prompts.txt in place of .npy)."""
+    """Draw samples from a model in K network calls: a flow with Euler, or a diffusers DDPM checkpoint with
+    its own DDIM (conditional models: with --labels or --prompts; the labels or prompts used go to OUT with
+    .labels.npy / .prompts.txt in place of .npy)."""
     from reflow.eval import check_sample_output, check_sample_settings, sample, write_samples
 
     check_sample_settings(nfe, num=num, noise=noise, solver=solver, batch_size=batch_size)
-    check_sample_output(out, model, noise)
-    result = sample(
-        model, nfe, num=num, seed=seed, noise=noise, labels=labels, prompts=prompts, solver=solver,
-        batch_size=batch_size, device=_device(), decode=decode, allow_pickle=allow_pickle,
-    )  # fmt: skip
-    write_samples(result, out)
+    check_sample_output(out, model, noise, grid)
+    with progress_shown() as progress:
+        result = sample(
+            model, nfe, num=num, seed=seed, noise=noise, labels=labels, prompts=prompts, solver=solver,
+            batch_size=batch_size, device=_device(), decode=decode, allow_pickle=allow_pickle,
+            grid=grid is not None, progress=progress,
+        )  # fmt: skip
+    write_samples(result, out, grid)
     count, shape = len(result.samples), result.samples.shape[1:]
-    console.print(f"wrote [bold]{out}[/bold]: {count} samples of shape {shape}, {result.nfe} network calls")
+    show(f"wrote [bold]{out}[/bold]: {count} samples of shape {shape}, {result.nfe} network calls")
+    if grid is not None:
+        show(f"  picture: {grid}")
+
+
+# Table headers as the library names them -> as a terminal shows them in 80 columns.
+SHORT_HEADERS = {
+    "reference solve (NFE)": "reference\nsolve",
+    "straightness S": "S",
+    "curvature K": "K",
+    "adaptive NFE": "adaptive\nNFE",
+    "CPU minutes (cumulative)": "CPU min\n(total)",
+}
+
+
+def _cell(text: str) -> str:
+    """A figure cell on two short lines: the mean over its spread, a value over its (solver, NFE)."""
+    return text.replace(" ± ", "\n± ").replace(" (", "\n(")
 
 
 def report_tables(metrics: dict) -> list[Table]:
-    """Rich tables of an evaluation: one per quality metric, then the flow diagnostics."""
+    """Rich tables of an evaluation, each fitting 80 columns: one per quality metric (a row per model, a
+    column per NFE), then the flow's straightness S and curvature K."""
     from reflow.eval.report import LABELS, flow_table, metric_keys, metric_table
 
     tables = []
     for title, (header, rows) in [
         *((LABELS[k] + " (lower is better)", metric_table(metrics, k)) for k in metric_keys(metrics)),
-        ("Flow: straightness, curvature (0 = straight)", flow_table(metrics)),
+        ("Flow: straightness S, curvature K (0 = straight)", flow_table(metrics)),
     ]:
         table = Table(title=title)
         for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right")
+            figure = h != "solver" and i > 0  # figures never wrap; model names and solvers do
+            table.add_column(SHORT_HEADERS.get(h, h), justify="right" if figure else "left", no_wrap=figure)
         for r in rows:
-            table.add_row(*r)
+            table.add_row(r[0], *(_cell(c) if header[i + 1] != "solver" else c for i, c in enumerate(r[1:])))
+        if "CPU minutes (cumulative)" in header:
+            table.caption = "CPU min (total): CPU minutes spent on the model and every stage before it"
         tables.append(table)
     return tables
 
@@ -573,15 +617,15 @@ def _print_report(report: Path) -> None:
 
     metrics = json.loads((report / "metrics.json").read_text())
     for table in report_tables(metrics):
-        console.print(table)
+        show(table)
     for note in metrics.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"wrote [bold]{report / 'metrics.json'}[/bold], [bold]{report / 'report.md'}[/bold]")
+        show(f"[yellow]note:[/yellow] {note}")
+    show(f"wrote [bold]{report / 'metrics.json'}[/bold], [bold]{report / 'report.md'}[/bold]")
     for f in metrics.get("figures", []):
-        console.print(f"  picture: {report / f}")
+        show(f"  picture: {report / f}")
 
 
-@app.command("eval")
+@app.command("eval", short_help="Few-step quality, fidelity and straightness of models.")
 @user_errors
 def eval_cmd(
     model: Annotated[
@@ -597,6 +641,9 @@ def eval_cmd(
     num_samples: Annotated[int, typer.Option(help="Samples per model, NFE and seed.")] = 4000,
     seeds: Annotated[str, typer.Option(help="Noise seeds; figures are the mean and spread over them.")] = "1,2,3",
     num_fidelity: Annotated[int, typer.Option(help="Held-out pairs used for fidelity.")] = 1024,
+    diagnostics_samples: Annotated[
+        int, typer.Option(help="Noise draws for each flow's straightness, curvature and adaptive calls.")
+    ] = 512,
     teacher_nfe: Annotated[
         int, typer.Option(help="Steps of a diffusers checkpoint's reference solve (its own solver).")
     ] = 50,
@@ -633,6 +680,7 @@ def eval_cmd(
         adaptive=adaptive,
         teacher_nfe=teacher_nfe,
         num_fidelity=num_fidelity,
+        diagnostics_samples=diagnostics_samples,
         inception_weights=None if inception_weights is None else str(inception_weights),
         guidance_scale=guidance_scale,
         null_label=null_label,
@@ -642,15 +690,13 @@ def eval_cmd(
     claim_output(out, "eval", inputs=inputs)
     if inception_weights is not None and not inception_weights.is_file():
         raise ReflowError(f"no such file: {inception_weights} (--inception-weights takes the Inception weights file)")
-    with _Bar("eval") as bar:
-        result = evaluate(
-            model, settings, device=_device(), progress=lambda name, d, t: bar.update(d, t, description=name)
-        )
+    with progress_shown() as progress:
+        result = evaluate(model, settings, device=_device(), progress=progress)
     write_report(out, result, figures=figures)
     _print_report(out)
 
 
-@app.command("rounds")
+@app.command("rounds", short_help="Teacher -> pairs -> student -> report, N rounds, one recipe.")
 @user_errors
 def rounds_cmd(
     config: Annotated[Path, typer.Option(help="Recipe TOML (see data/recipes/).")],
@@ -659,17 +705,12 @@ def rounds_cmd(
     """Teacher -> pairs -> student -> report, round after round, from one recipe; a rerun resumes."""
     from reflow.rounds.run import run_rounds
 
-    with _Bar("rounds") as bar:
-        run_rounds(
-            config,
-            out,
-            device=_device(),
-            progress=lambda stage, d, t, info="": bar.update(d, t, info, description=stage),
-        )
+    with progress_shown() as progress:
+        run_rounds(config, out, device=_device(), progress=progress)
     _print_report(out / "report")
 
 
-@app.command("quickstart")
+@app.command("quickstart", short_help="Distil the bundled digits DDPM into a one-step student.")
 @user_errors
 def quickstart_cmd(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("quickstart-out"),
@@ -680,20 +721,15 @@ def quickstart_cmd(
     """The embedded default: distil the bundled digits DDPM into a one-step student and evaluate it."""
     from reflow.rounds.quickstart import run_quickstart
 
-    with _Bar("quickstart") as bar:
+    with progress_shown() as progress:
         run_quickstart(
-            out,
-            steps=steps,
-            num_pairs=num_pairs,
-            num_eval=eval_samples,
-            device=_device(),
-            progress=lambda stage, d, t, info="": bar.update(d, t, info, description=stage),
+            out, steps=steps, num_pairs=num_pairs, num_eval=eval_samples, device=_device(), progress=progress
         )
     _print_report(out / "report")
     pictures = sorted(out.glob("*/report/samples_*.png"))
     for p in pictures:
-        console.print(f"  picture: {p}")
-    console.print(f"models, pairs and reports are in [bold]{out}[/bold]")
+        show(f"  picture: {p}")
+    show(f"models, pairs and reports are in [bold]{out}[/bold]")
 
 
 def version_callback(value: bool) -> None:
@@ -702,14 +738,43 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+def _open_log(ctx: typer.Context, log_file: Path) -> None:
+    """Append this command's progress lines, results and errors to ``log_file`` (local main process)."""
+    try:
+        log = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed with the context)
+    except OSError as e:
+        raise _fail(f"cannot write --log-file {log_file}: {e.strerror or e}") from None
+    ctx.call_on_close(log.close)
+    OUTPUT.log = log
+    OUTPUT.log_console = Console(file=log, width=80, color_system=None, soft_wrap=True)
+
+
 @app.callback()
 def root(
+    ctx: typer.Context,
     version: Annotated[
-        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version.")
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit.")
     ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress on screen; results and errors are still printed."),
+    ] = False,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also append timestamped progress lines, results and errors to this file (with --quiet too)."
+        ),
+    ] = None,
 ) -> None:
-    """reflow: rectified-flow distillation into 1-4 step generators (t = 0 noise, t = 1 data)."""
+    """The options every command shares (the app's help is the module docstring)."""
+    OUTPUT.quiet, OUTPUT.log, OUTPUT.log_console = quiet, None, None
+    if log_file is not None and is_local_main():
+        _open_log(ctx, log_file)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ mean-flow student as ``pipeline.py`` and names it in ``model_index.json``, so
 both load it. A mean flow predicts the AVERAGE velocity u over a jump from time t to a later time s (t = 0
 noise, t = 1 data), in diffusers' flow-matching convention (sigma = 1 - t, the UNet predicts -u):
 
-    unet(x_t, timestep = sigma_t T, class_labels = (sigma_t - sigma_s) T) = -u(x_t, t, s)
+    unet(x_t, timestep = sigma_t T, class_labels = sigma_t - sigma_s) = -u(x_t, t, s)
     x_s = x_t + (s - t) u = x_t + (sigma_s - sigma_t) unet(...)
 
 with T = num_train_timesteps. ``num_inference_steps=k`` makes k such jumps between the k + 1 sigmas of the
@@ -93,7 +93,7 @@ class ReflowMeanFlowPipeline(DiffusionPipeline):
         ones = torch.ones(len(image), device=image.device, dtype=torch.float32)
         for i in self.progress_bar(range(num_inference_steps)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            gap = (sigma - sigma_next) * scale * ones
+            gap = (sigma - sigma_next) * ones  # the jump's length in flow time, not in timesteps
             model_output = self.unet(image, sigma * scale * ones, class_labels=gap).sample
             image = image + (sigma_next - sigma).to(image.dtype) * model_output
         if output_type == "pt":

@@ -187,12 +187,14 @@ def mean_flow_jumps(
     z0: torch.Tensor,
     grid: torch.Tensor | list[float],
     cond: dict[str, torch.Tensor] | None = None,
+    on_call: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Sample with k jumps over a grid g_0 < ... < g_k (k = len(grid) - 1 network calls):
 
         x_{i+1} = x_i + (g_{i+1} - g_i) u(x_i, g_i, g_{i+1}),      x_0 = z0,
 
-    and returns x_k. ``cond``: the model's conditioning keywords. Differentiable (no ``no_grad`` here).
+    and returns x_k. ``cond``: the model's conditioning keywords; ``on_call(rows)`` after each jump (progress).
+    Differentiable (no ``no_grad`` here).
     """
     nodes = [float(g) for g in grid]
     x = z0
@@ -200,4 +202,6 @@ def mean_flow_jumps(
         t = torch.full((x.shape[0],), g, dtype=torch.float32, device=x.device)
         s = torch.full((x.shape[0],), g_next, dtype=torch.float32, device=x.device)
         x = x + (g_next - g) * model(x, t, s=s, **(cond or {}))
+        if on_call is not None:
+            on_call(x.shape[0])
     return x

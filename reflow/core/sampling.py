@@ -10,6 +10,7 @@ import torch
 
 from reflow.core.flow import Conditioned, Velocity
 from reflow.core.meanflow import mean_flow_jumps
+from reflow.core.progress import OnCall
 from reflow.core.solvers import ODESolution, solve, time_grid
 from reflow.errors import ReflowError
 
@@ -19,7 +20,13 @@ def is_image(sample_shape: tuple[int, ...]) -> bool:
 
 
 def solve_model(
-    velocity: Velocity, z0: torch.Tensor, nfe: int, solver: str = "euler", *, measure_straightness: bool = False
+    velocity: Velocity,
+    z0: torch.Tensor,
+    nfe: int,
+    solver: str = "euler",
+    *,
+    measure_straightness: bool = False,
+    on_call: OnCall | None = None,
 ) -> ODESolution:
     """One batch from z0: ``solve`` for a velocity field; for a mean flow, nfe jumps
     x_{i+1} = x_i + (g_{i+1} - g_i) u(x_i, g_i, g_{i+1}) over the model's own grid (the nodes of
@@ -27,20 +34,21 @@ def solve_model(
 
     A mean flow samples with ``euler`` only (Heun and adaptive solvers integrate a velocity, not jumps). Its
     straightness and curvature, when asked, are those of its instantaneous velocity u(x, t, t) = v(x, t) along
-    an nfe-step Euler solve, as for any flow; those calls are not counted in ``nfe``.
+    an nfe-step Euler solve, as for any flow; those calls are not counted in ``nfe``. ``on_call(rows)``: after
+    each network call.
     """
     if not getattr(velocity, "mean_flow", False):
-        return solve(velocity, z0, nfe, solver, measure_straightness=measure_straightness)
+        return solve(velocity, z0, nfe, solver, measure_straightness=measure_straightness, on_call=on_call)
     if solver != "euler":
         raise ReflowError(f"a MeanFlow model samples in jumps (solver euler), not {solver}; drop --solver")
     if nfe < 1:
         raise ReflowError(f"a MeanFlow model needs at least one jump, got --nfe {nfe}")
     model_grid = getattr(velocity, "euler_grid", None)
     grid = model_grid(nfe)[0] if model_grid is not None else time_grid(nfe)
-    z1 = mean_flow_jumps(velocity, z0, grid)
+    z1 = mean_flow_jumps(velocity, z0, grid, on_call=on_call)
     if not measure_straightness:
         return ODESolution(z1=z1, nfe=nfe)
-    sol = solve(velocity, z0, nfe, "euler", measure_straightness=True)
+    sol = solve(velocity, z0, nfe, "euler", measure_straightness=True, on_call=on_call)
     return ODESolution(z1=z1, nfe=nfe, straightness=sol.straightness, curvature=sol.curvature)
 
 
@@ -56,11 +64,13 @@ def sample(
     measure_straightness: bool = False,
     clamp: bool = True,
     cond: dict[str, torch.Tensor | None] | None = None,
+    on_call: OnCall | None = None,
 ) -> ODESolution:
     """Solve from z0 in batches; images (C, H, W) are clamped to [-1, 1] unless ``clamp`` is False (latents).
     ``cond``: per-sample conditioning for a conditional model (``class_labels`` (N,), ``encoder_hidden_states``
     (N, seq, dim)), batched with z0. Returns z1 on the CPU, the largest NFE of any batch and the
-    batch-weighted straightness and curvature when asked. A mean flow jumps (:func:`solve_model`)."""
+    batch-weighted straightness and curvature when asked. A mean flow jumps (:func:`solve_model`).
+    ``on_call(rows)``: after each network call."""
     cond = {k: v for k, v in (cond or {}).items() if v is not None}
     for name, value in cond.items():
         if len(value) != len(z0):
@@ -71,7 +81,7 @@ def sample(
         field = velocity
         if cond:
             field = Conditioned(velocity, **{k: v[b : b + batch_size].to(device) for k, v in cond.items()})
-        sol = solve_model(field, chunk, nfe, solver, measure_straightness=measure_straightness)
+        sol = solve_model(field, chunk, nfe, solver, measure_straightness=measure_straightness, on_call=on_call)
         outs.append(sol.z1.float().cpu())
         nfe_used = max(nfe_used, sol.nfe)
         if sol.straightness is not None:

@@ -26,6 +26,7 @@ from typing import Literal, get_args
 import torch
 
 from reflow.core.flow import Velocity, per_sample_sq_norm
+from reflow.core.progress import OnCall
 
 Solver = Literal["euler", "heun", "adaptive"]
 """ODE solvers of our flows: fixed-step Euler or Heun, or adaptive dopri5 (torchdiffeq)."""
@@ -80,9 +81,11 @@ def solve_fixed(
     query: torch.Tensor | None = None,
     measure_straightness: bool = False,
     return_trajectory: bool = False,
+    on_call: OnCall | None = None,
 ) -> ODESolution:
     """Integrate from z0 over ``grid`` (t_0 ... t_N = 1) with Euler or Heun; ``measure_straightness`` also
-    measures the curvature K, ``return_trajectory`` keeps every node of the path.
+    measures the curvature K, ``return_trajectory`` keeps every node of the path, ``on_call(rows)`` is
+    called after each network call (progress; see ``reflow.core.progress``).
 
     Heun (Karras et al. 2022, Alg. 1) averages the slopes at both ends of a step and takes a plain
     Euler step on the last interval, so N intervals cost 2N - 1 calls. ``query`` (Euler only): the time
@@ -103,10 +106,14 @@ def solve_fixed(
         dt = t_next - t
         d = velocity(x, _at(qs[i], x))
         nfe += 1
+        if on_call is not None:
+            on_call(x.shape[0])
         if method == "heun" and i < len(ts) - 2:
             x_euler = x + dt * d
             d = 0.5 * (d + velocity(x_euler, _at(t_next, x)))
             nfe += 1
+            if on_call is not None:
+                on_call(x.shape[0])
         x = x + dt * d
         if measure_straightness:
             slopes.append(d)
@@ -132,15 +139,16 @@ def solve(
     return_trajectory: bool = False,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    on_call: OnCall | None = None,
 ) -> ODESolution:
     """Solve from z0 with a budget of ``nfe`` network calls (``adaptive`` ignores the budget).
 
     Euler uses ``nfe`` steps on the model's own grid when it has one (``velocity.euler_grid(k)`` returns
     nodes and query times, e.g. an exported student's scheduler grid) and on ``grid`` otherwise; Heun the
-    largest number of intervals whose 2N - 1 calls fit.
+    largest number of intervals whose 2N - 1 calls fit. ``on_call(rows)`` is called after each network call.
     """
     if method == "adaptive":
-        return solve_adaptive(velocity, z0, rtol=rtol, atol=atol)
+        return solve_adaptive(velocity, z0, rtol=rtol, atol=atol, on_call=on_call)
     steps = nfe if method == "euler" else heun_steps_for_nfe(nfe)
     model_grid = getattr(velocity, "euler_grid", None)
     if method == "euler" and grid == "uniform" and model_grid is not None:
@@ -153,6 +161,7 @@ def solve(
             query=query,
             measure_straightness=measure_straightness,
             return_trajectory=return_trajectory,
+            on_call=on_call,
         )
     return solve_fixed(
         velocity,
@@ -161,14 +170,22 @@ def solve(
         method,
         measure_straightness=measure_straightness,
         return_trajectory=return_trajectory,
+        on_call=on_call,
     )
 
 
 @torch.no_grad()
 def solve_adaptive(
-    velocity: Velocity, z0: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5"
+    velocity: Velocity,
+    z0: torch.Tensor,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    on_call: OnCall | None = None,
 ) -> ODESolution:
-    """Reference solve with torchdiffeq's adaptive Runge-Kutta (dopri5); reports the calls it needed."""
+    """Reference solve with torchdiffeq's adaptive Runge-Kutta (dopri5); reports the calls it needed
+    (and each one to ``on_call(rows)``)."""
     from torchdiffeq import odeint
 
     calls = 0
@@ -176,7 +193,10 @@ def solve_adaptive(
     def f(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        return velocity(x, t.to(torch.float32).expand(x.shape[0]))
+        v = velocity(x, t.to(torch.float32).expand(x.shape[0]))
+        if on_call is not None:
+            on_call(x.shape[0])
+        return v
 
     span = torch.tensor([0.0, 1.0], dtype=torch.float32, device=z0.device)
     out = odeint(f, z0.float(), span, rtol=rtol, atol=atol, method=method)

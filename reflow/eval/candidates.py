@@ -16,6 +16,7 @@ import torch
 
 from reflow.core.conditioning import keywords
 from reflow.core.flow import Conditioned
+from reflow.core.progress import OnCall
 from reflow.core.sampling import is_image, sample
 from reflow.core.solvers import solve
 from reflow.errors import ReflowError
@@ -30,7 +31,8 @@ class Candidate:
     labels (N,) or prompt embeddings (N, seq, dim). Images are clamped to [-1, 1]; latent (text-to-image)
     samples are not. ``batch_size`` rows are solved at a time; ``teacher_nfe`` and ``teacher_solver`` are a
     checkpoint's reference solve, ``guidance`` its guidance settings (see :func:`checkpoint_guidance`), and
-    ``adaptive_tol`` the rtol = atol of every adaptive (dopri5) solve of a flow.
+    ``adaptive_tol`` the rtol = atol of every adaptive (dopri5) solve of a flow. ``on_call(rows)`` is
+    called after every network call of its solves (progress; see ``reflow.core.progress``).
     """
 
     def __init__(
@@ -44,8 +46,10 @@ class Candidate:
         guidance: dict[str, Any] | None = None,
         adaptive_tol: float = 1e-4,
         allow_pickle: bool = False,
+        on_call: OnCall | None = None,
     ):
         self.path = Path(path)
+        self.on_call = on_call
         self.device = device
         self.batch_size = batch_size
         self.teacher_nfe = teacher_nfe
@@ -74,6 +78,7 @@ class Candidate:
             **guidance,
         )
         self.conditioning = self.teacher.conditioning
+        self.num_classes = self.teacher.num_classes
         self.label_choices = self.teacher.label_choices
         self.sample_shape = tuple(self.teacher.sample_shape)
         self.solver = f"{self.teacher_solver} (the checkpoint's scheduler)"
@@ -84,6 +89,7 @@ class Candidate:
         self.kind = "flow"
         self.model = load_model(self.path, allow_pickle=allow_pickle).to(self.device).eval()
         self.conditioning = getattr(self.model, "conditioning", None)
+        self.num_classes = getattr(self.model, "num_classes", None)
         self.label_choices = None
         if self.conditioning == "class":
             null = read_index(self.path).get("_reflow_null_class")
@@ -101,12 +107,15 @@ class Candidate:
         bs = self.batch_size
         if self.kind == "flow":
             kw = keywords(self.conditioning, cond)
-            return sample(self.model, z0, k, "euler", batch_size=bs, device=self.device, clamp=self.clamp, cond=kw).z1
+            return sample(
+                self.model, z0, k, "euler", batch_size=bs, device=self.device, clamp=self.clamp, cond=kw,
+                on_call=self.on_call,
+            ).z1  # fmt: skip
         self.teacher.nfe = k  # the teacher resets its scheduler to self.nfe steps on every call
         outs = []
         for b in range(0, len(z0), bs):
             args = (z0[b : b + bs],) if cond is None else (z0[b : b + bs], cond[b : b + bs])
-            outs.append(self.teacher(*args).float().cpu())
+            outs.append(self.teacher(*args, on_call=self.on_call).float().cpu())
         return self._finish(torch.cat(outs))
 
     def _field(self, cond: torch.Tensor | None, b: int, e: int):
@@ -120,7 +129,7 @@ class Candidate:
         bs, tol = self.batch_size, self.adaptive_tol
         for b in range(0, len(z0), bs):
             field = self._field(cond, b, b + bs)
-            sol = solve(field, z0[b : b + bs].to(self.device), 0, "adaptive", rtol=tol, atol=tol)
+            sol = solve(field, z0[b : b + bs].to(self.device), 0, "adaptive", rtol=tol, atol=tol, on_call=self.on_call)
             outs.append(sol.z1.float().cpu())
             nfe = max(nfe, sol.nfe)
         return self._finish(torch.cat(outs)), nfe
@@ -147,7 +156,7 @@ class Candidate:
             return None
         sol = sample(
             self.model, z0, steps, "euler", batch_size=self.batch_size, device=self.device,
-            measure_straightness=True, clamp=self.clamp, cond=keywords(self.conditioning, cond),
+            measure_straightness=True, clamp=self.clamp, cond=keywords(self.conditioning, cond), on_call=self.on_call,
         )  # fmt: skip
         _, nfe = self.adaptive(z0, cond)
         return {

@@ -1,10 +1,12 @@
 """Drawing samples from a model folder (t = 0 noise, t = 1 data): what `reflow sample` does, as functions.
 
-:func:`sample` loads the model, takes its noise (seeded rows ``row_noise(seed, i)``, or an array or .npy
-file of noise), its conditioning (class labels or prompts, sample i taking entry i mod count), solves in
-``nfe`` steps and returns float32 samples in model space (images clamped to [-1, 1]; latents as they are,
-or decoded by the VAE). :func:`check_sample_output` checks before the work that the samples may be written
-where asked; :func:`write_samples` writes them::
+:func:`sample` loads the model (a flow of ours, or a diffusers DDPM checkpoint sampled as an evaluation
+samples it, by :class:`reflow.eval.candidates.Candidate` with its own DDIM at ``nfe`` steps), takes its
+noise (seeded rows ``row_noise(seed, i)``, or an array or .npy file of noise), its conditioning (class
+labels or prompts, sample i taking entry i mod count), solves in ``nfe`` steps and returns float32 samples
+in model space (images clamped to [-1, 1]; latents as they are, or decoded by the VAE).
+:func:`check_sample_output` checks before the work that the samples may be written where asked;
+:func:`write_samples` writes them (and a PNG grid of image samples)::
 
     check_sample_output(out, model, noise)
     write_samples(sample(model, nfe=2, num=64, seed=0), out)
@@ -23,12 +25,17 @@ import numpy as np
 import torch
 
 from reflow.core.noise import row_noise
+from reflow.core.progress import OnCall, Progress, RowsProgress
+from reflow.core.sampling import is_image
 from reflow.core.sampling import sample as solve_batches
-from reflow.core.solvers import SOLVERS
+from reflow.core.solvers import SOLVERS, heun_steps_for_nfe
 from reflow.errors import ReflowError
+from reflow.eval.candidates import Candidate
 from reflow.folders.io import claim_output, mark_output, output_owner
+from reflow.folders.kinds import is_diffusers_checkpoint
 from reflow.folders.runtime import partial_state
 from reflow.models.velocity import load_model
+from reflow.teachers.scheduler import DIFFUSERS_SOLVERS
 
 PathLike = str | os.PathLike
 
@@ -52,12 +59,14 @@ class SampleResult:
 
 
 def check_sample_settings(
-    nfe: int, *, num: int | None, noise: Any, solver: str = "euler", batch_size: int = 4096
+    nfe: int, *, num: int | None, noise: Any, solver: str | None = None, batch_size: int = 4096
 ) -> None:
-    """The settings of :func:`sample` that need no model: a known solver, nfe and batch size of at least 1,
-    exactly one of ``num`` and ``noise``."""
-    if solver not in SOLVERS:
-        raise ReflowError(f"--solver must be one of {', '.join(SOLVERS)}")
+    """The settings of :func:`sample` that need no model: a known solver (None: the model's default), nfe
+    and batch size of at least 1, exactly one of ``num`` and ``noise``."""
+    if solver is not None and solver not in (*SOLVERS, *DIFFUSERS_SOLVERS):
+        raise ReflowError(
+            f"--solver must be one of {', '.join(SOLVERS)} (flows) or {', '.join(DIFFUSERS_SOLVERS)} (diffusers)"
+        )
     if nfe < 1:
         raise ReflowError(f"--nfe must be at least 1, got {nfe}")
     if (num is None) == (noise is None):
@@ -71,14 +80,21 @@ def _extras(out: Path) -> list[Path]:
     return [out.with_suffix(".labels.npy"), out.with_suffix(".prompts.txt")]
 
 
-def check_sample_output(out: PathLike, model: PathLike, noise: PathLike | None = None) -> Path:
-    """Check, before the work, that samples may be written to ``out`` (a .npy file): not an input (the
-    model, the noise file), and neither it nor its .labels.npy / .prompts.txt a file `reflow sample` did not
-    write. Removes the debris of killed earlier runs; returns ``out`` as a Path."""
+def check_sample_output(
+    out: PathLike, model: PathLike, noise: PathLike | None = None, grid: PathLike | None = None
+) -> Path:
+    """Check, before the work, that samples may be written to ``out`` (a .npy file), and their picture to
+    ``grid`` (a .png file): not an input (the model, the noise file), and neither them nor the .labels.npy /
+    .prompts.txt beside ``out`` a file `reflow sample` did not write. Removes the debris of killed earlier
+    runs; returns ``out`` as a Path."""
     out = Path(out)
     if out.suffix != ".npy":
         raise ReflowError(f"--out must end in .npy, got {out}")
     claim_output(out, "sample", kind="file", inputs=[model, noise])
+    if grid is not None:
+        if Path(grid).suffix.lower() != ".png":
+            raise ReflowError(f"--grid must end in .png, got {grid}")
+        claim_output(grid, "sample", kind="file", inputs=[model, noise], flag="--grid")
     for extra in _extras(out):
         if noise is not None and extra.resolve() == Path(noise).resolve():
             raise ReflowError(f"--out {out} would write {extra}, the --noise input; pick another --out")
@@ -168,6 +184,67 @@ def _conditioning(
     return None, None, None
 
 
+def _open_model(
+    model: PathLike, nfe: int, solver: str | None, batch_size: int, device: Any, allow_pickle: bool
+) -> tuple[Any, str]:
+    """The model to sample and its solver: a flow of ours (euler, heun or adaptive; default euler), or a
+    diffusers checkpoint as an evaluation samples it (its own ddim or dpm at ``nfe`` steps; default ddim)."""
+    if is_diffusers_checkpoint(model):
+        solver = solver or "ddim"
+        if solver not in DIFFUSERS_SOLVERS:
+            raise ReflowError(f"{model} is a diffusers checkpoint: it samples with --solver ddim or dpm, not {solver}")
+        m = Candidate(
+            model, device=device, batch_size=batch_size, teacher_nfe=nfe, teacher_solver=solver,
+            allow_pickle=allow_pickle,
+        )  # fmt: skip
+        return m, solver
+    solver = solver or "euler"
+    if solver not in SOLVERS:
+        raise ReflowError(f"{model} is a flow: it samples with --solver {', '.join(SOLVERS)}, not {solver}")
+    flow = load_model(model, allow_pickle=allow_pickle).to(device).eval()
+    if getattr(flow, "mean_flow", False) and solver != "euler":
+        raise ReflowError(f"{model} is a MeanFlow model: it samples in jumps (solver euler), not {solver}")
+    return flow, solver
+
+
+def _calls_per_sample(m: Any, nfe: int, solver: str) -> int | None:
+    """The network calls one sample takes (None for an adaptive solve: not known ahead)."""
+    if isinstance(m, Candidate) or solver == "euler":
+        return nfe
+    return 2 * heun_steps_for_nfe(nfe) - 1 if solver == "heun" else None
+
+
+def _counting(tell: RowsProgress, n: int, calls: int | None) -> OnCall | None:
+    """An ``on_call`` that reports the samples done (network calls over their count per sample)."""
+    if tell.sink is None or not calls:
+        return None
+    done = 0
+
+    def on_call(rows: int) -> None:
+        nonlocal done
+        done += rows
+        if tell.tick():
+            tell(min(n, done // calls))
+
+    return on_call
+
+
+def _solve(m: Any, z0: torch.Tensor, nfe: int, solver: str, cond: dict | None, on_call: OnCall | None, **kw: Any):
+    """(z1, network calls) of the model from z0: a checkpoint through its Candidate, a flow in batches."""
+    if isinstance(m, Candidate):
+        return m.sample(z0, nfe, None if cond is None else next(iter(cond.values()))), nfe
+    sol = solve_batches(m, z0, nfe, solver, cond=cond, on_call=on_call, **kw)
+    return sol.z1, sol.nfe
+
+
+def _check_grid(model: PathLike, shape: tuple[int, ...], latent: bool, decode: bool) -> None:
+    """A picture grid needs images: (C, H, W) samples in [-1, 1] (a text-to-image model's with --decode)."""
+    if not is_image(shape):
+        raise ReflowError(f"--grid draws image samples; {model} makes samples of shape {shape}: drop --grid")
+    if latent and not decode:
+        raise ReflowError(f"--grid draws images; {model} makes latents: add --decode")
+
+
 def sample(
     model: PathLike,
     nfe: int = 1,
@@ -177,14 +254,17 @@ def sample(
     noise: PathLike | np.ndarray | torch.Tensor | None = None,
     labels: Sequence[int] | str | None = None,
     prompts: Sequence[str] | PathLike | None = None,
-    solver: str = "euler",
+    solver: str | None = None,
     batch_size: int = 4096,
     device: torch.device | str | None = None,
     decode: bool = False,
     allow_pickle: bool = False,
+    grid: bool = False,
+    progress: Progress | None = None,
 ) -> SampleResult:
-    """Draw samples from the model folder ``model`` (a `reflow train` folder or an exported student) in
-    ``nfe`` steps of ``solver`` (euler, heun or adaptive).
+    """Draw samples from the model folder ``model`` (a `reflow train` folder, an exported student, or a
+    diffusers DDPM checkpoint) in ``nfe`` steps of ``solver``: euler (the default), heun or adaptive for a
+    flow; ddim (the default) or dpm, the checkpoint's own scheduler, for a checkpoint.
 
     Args:
         num, seed: draw ``num`` samples, sample i from ``row_noise(seed, i)``; or
@@ -196,13 +276,16 @@ def sample(
         batch_size: samples solved at a time; device: where (default: Accelerate's device).
         decode: text-to-image models: return VAE-decoded images in [-1, 1], not latents.
         allow_pickle: load pickle (.bin) weights of a model you trust.
+        grid: the samples will be drawn as a picture (:func:`write_samples`): refuse, before solving, a
+            model whose samples are not images.
+        progress: receives Updates of stage "sample" in samples, from inside the solve.
 
     Raises :class:`ReflowError` for bad settings or noise, missing or unwanted conditioning, and samples
     with NaN or inf.
     """
     check_sample_settings(nfe, num=num, noise=noise, solver=solver, batch_size=batch_size)
     device = partial_state().device if device is None else device
-    m = load_model(model, allow_pickle=allow_pickle).to(device).eval()
+    m, solver = _open_model(model, nfe, solver, batch_size, device, allow_pickle)
     shape = tuple(m.sample_shape)
     if noise is None and num < 1:
         raise ReflowError(f"--num must be at least 1, got {num}")
@@ -211,8 +294,15 @@ def sample(
     latent = getattr(m, "conditioning", None) == "text"
     if decode and not latent:
         raise ReflowError("--decode applies to text-to-image (latent) models only")
-    sol = solve_batches(m, z0, nfe, solver, batch_size=batch_size, device=device, clamp=not latent, cond=cond)
-    z1 = sol.z1
+    if grid:
+        _check_grid(model, shape, latent, decode)
+    tell = RowsProgress(progress, "sample", len(z0), "samples")
+    tell(0)
+    on_call = _counting(tell, len(z0), _calls_per_sample(m, nfe, solver))
+    if isinstance(m, Candidate):
+        m.on_call = on_call
+    z1, calls = _solve(m, z0, nfe, solver, cond, on_call, batch_size=batch_size, device=device, clamp=not latent)
+    tell(len(z0))
     if decode:
         from reflow.models.text import decode_latents
 
@@ -226,18 +316,25 @@ def sample(
         samples=z1.numpy().astype(np.float32),
         labels=None if y is None else y.numpy(),
         prompts=texts,
-        nfe=sol.nfe,
+        nfe=calls,
         record={**record, "noise": source},
     )
 
 
-def write_samples(result: SampleResult, out: PathLike) -> Path:
+def write_samples(result: SampleResult, out: PathLike, grid: PathLike | None = None) -> Path:
     """Write ``result`` to ``out`` (.npy, float32), its labels to .labels.npy or its prompts to .prompts.txt
     beside it (one per line), each atomically, and the marker that `reflow sample` wrote them (with
-    ``result.record`` and the count). Check ``out`` first with :func:`check_sample_output`."""
+    ``result.record`` and the count); with ``grid``, also a PNG of the images there (rows of
+    ``GRID_COLUMNS``, see :func:`reflow.eval.report.grid_png`). Check ``out`` (and ``grid``) first with
+    :func:`check_sample_output`."""
+    from reflow.eval.report import grid_png
     from reflow.folders.io import atomic_write_bytes  # looked up at call time: tests replace it
 
     out = Path(out)
+    if grid is not None:
+        if not is_image(tuple(result.samples.shape[1:])):
+            raise ReflowError(f"--grid draws image samples; these have shape {result.samples.shape[1:]}: drop --grid")
+        atomic_write_bytes(Path(grid), grid_png(result.samples))
     labels_file, prompts_file = _extras(out)
     if result.labels is not None:
         atomic_write_bytes(labels_file, _npy_bytes(result.labels))
@@ -245,10 +342,13 @@ def write_samples(result: SampleResult, out: PathLike) -> Path:
         atomic_write_bytes(prompts_file, ("\n".join(result.prompts) + "\n").encode())
     atomic_write_bytes(out, _npy_bytes(result.samples))
     record = result.record
-    mark_output(
-        out, "sample", kind="file", model=record.get("model"), nfe=record.get("nfe"), solver=record.get("solver"),
-        count=len(result.samples), seed=record.get("seed"), noise=record.get("noise"),
-    )  # fmt: skip
+    info = {
+        "model": record.get("model"), "nfe": record.get("nfe"), "solver": record.get("solver"),
+        "count": len(result.samples), "seed": record.get("seed"), "noise": record.get("noise"),
+    }  # fmt: skip
+    mark_output(out, "sample", kind="file", **info)
+    if grid is not None:
+        mark_output(grid, "sample", kind="file", **info)
     return out
 
 

@@ -16,6 +16,9 @@ steps for a diffusers checkpoint; adaptive dopri5 for a flow, by default for vec
 curvature K along a ``straightness_steps``-step Euler solve (see ``reflow.core.solvers``) and the calls the
 adaptive solver needs.
 
+Progress is counted in network calls (one call advancing one sample), so that a 50-step reference solve
+weighs what it costs; the plan of each model's work is :func:`expected_calls`.
+
 How each model is sampled (Euler on a flow's grid, a checkpoint's own solver) is
 :class:`reflow.eval.candidates.Candidate`'s.
 """
@@ -24,7 +27,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 
 from reflow.core.noise import row_noise
+from reflow.core.progress import Progress, Throttle, Update
 from reflow.core.sampling import is_image
 from reflow.errors import ReflowError
 from reflow.eval.candidates import Candidate, checkpoint_guidance
@@ -40,14 +45,15 @@ from reflow.eval.features import FEATURE_SPACES, FeatureSpace, digits_classifier
 from reflow.eval.heldout import Heldout, is_pairs, load_heldout
 from reflow.eval.metrics import over_seeds, per_class, sample_quality
 from reflow.folders.data import load_source
+from reflow.folders.kinds import is_diffusers_checkpoint
 from reflow.version import __version__
 
 STRAIGHTNESS_STEPS = 100
 GRID_COLUMNS = 16  # samples per row of a picture grid
 SCATTER_POINTS = 2000
 TRAJECTORIES = 200
-
-Progress = Callable[[str, int, int], None]
+ADAPTIVE_GUESS = 100  # network calls per sample an adaptive solve is planned with, before it has run
+PROGRESS_SECONDS = 0.5  # how often an evaluation reports from inside a solve, at most
 
 
 @dataclass
@@ -113,6 +119,39 @@ class _Reference:
 
 
 @dataclass
+class _Work:
+    """The evaluation's progress in network calls (one call advancing one sample), reported as Updates of
+    stage "eval" with what is being drawn as their ``info``."""
+
+    progress: Progress | None
+    total: int
+    done: int = 0
+    info: str = ""
+    busy: bool = False  # within a phase: not done before it ends, whatever the count says
+    tick: Throttle = field(default_factory=lambda: Throttle(PROGRESS_SECONDS))
+
+    def on_call(self, rows: int) -> None:
+        self.done += rows
+        if self.tick():
+            self.report()
+
+    def report(self) -> None:
+        if self.progress:
+            total = max(self.total, self.done + 1 if self.busy else self.done)
+            self.progress(Update("eval", self.done, total, "calls", self.info))
+
+    @contextmanager
+    def phase(self, info: str, expected: int) -> Iterator[None]:
+        """A piece of work planned at ``expected`` calls; the total follows what it really took (an
+        adaptive solve's calls are known only once it has run)."""
+        self.info, self.busy, start = info, True, self.done
+        yield
+        self.total += (self.done - start) - expected
+        self.info, self.busy = "", False
+        self.report()
+
+
+@dataclass
 class _Run:
     """What every model of one evaluation shares: settings, reference data, held-out pairs and noise."""
 
@@ -122,6 +161,7 @@ class _Run:
     noise: dict[int, torch.Tensor]  # seed -> (num_samples, *shape) noise row_noise(seed, 0..n-1)
     device: torch.device | str
     classifier: Callable[[torch.Tensor], np.ndarray] | None  # digits: predicted labels, for agreement
+    work: _Work = field(default_factory=lambda: _Work(None, 0))
 
     @property
     def first_noise(self) -> torch.Tensor:
@@ -142,20 +182,6 @@ class _Run:
 
     def per_class(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         return per_class(x, labels, self.reference.class_rows, self.reference.class_labels, self.classifier)
-
-
-@dataclass
-class _Steps:
-    """Progress over every model's NFEs, reference solve and diagnostics."""
-
-    progress: Progress | None
-    total: int
-    done: int = 0
-
-    def __call__(self, name: str) -> None:
-        self.done += 1
-        if self.progress:
-            self.progress(f"eval {name}", self.done, self.total)
 
 
 def _load_reference(settings: EvalSettings, notes: list[str]) -> _Reference:
@@ -191,7 +217,7 @@ def _candidate(run: _Run, path: Path) -> Candidate:
     model = Candidate(
         path, device=run.device, batch_size=s.batch_size, teacher_nfe=s.teacher_nfe, teacher_solver=s.teacher_solver,
         guidance=checkpoint_guidance(path, given, heldout.teacher if heldout is not None else {}),
-        adaptive_tol=s.adaptive_tol, allow_pickle=s.allow_pickle,
+        adaptive_tol=s.adaptive_tol, allow_pickle=s.allow_pickle, on_call=run.work.on_call,
     )  # fmt: skip
     shape = run.reference.shape
     if model.sample_shape != shape:
@@ -300,24 +326,51 @@ def _flow_cell(run: _Run, model: Candidate, cond: torch.Tensor | None, pics: dic
     }
 
 
-def _evaluate_model(run: _Run, name: str, path: Path, step: _Steps) -> tuple[dict[str, Any], dict[str, Any]]:
+def planned_calls(
+    settings: EvalSettings, *, checkpoint: bool, adaptive: bool, fidelity: int, grid: int
+) -> dict[str, int]:
+    """The network calls (one call advancing one sample) planned for one model: per NFE k (``"nfe k"``:
+    every seed's samples, ``fidelity`` held-out pairs and a picture row of ``grid``), its reference solve
+    (a ``checkpoint``'s own solver; a flow's ``adaptive`` solve at ``ADAPTIVE_GUESS`` calls per sample)
+    and a flow's diagnostics."""
+    s = settings
+    plan = {f"nfe {k}": k * (len(s.seeds) * s.num_samples + fidelity + grid) for k in s.nfes}
+    if checkpoint:
+        return {**plan, "reference": s.teacher_nfe * (s.num_samples + fidelity), "diagnostics": 0}
+    reference = ADAPTIVE_GUESS * (s.num_samples + fidelity) if adaptive else 0
+    diagnostics = min(s.diagnostics_samples, s.num_samples) * (s.straightness_steps + ADAPTIVE_GUESS)
+    return {**plan, "reference": reference, "diagnostics": diagnostics}
+
+
+def expected_calls(run: _Run, path: Path) -> dict[str, int]:
+    """:func:`planned_calls` for the model at ``path`` in this evaluation."""
+    s, heldout = run.settings, run.heldout
+    fidelity = len(heldout.z0) if heldout is not None else 0
+    grid = min(GRID_COLUMNS, fidelity or s.num_samples) if run.grid else 0
+    adaptive = s.adaptive if s.adaptive is not None else not is_image(run.reference.shape)
+    return planned_calls(s, checkpoint=is_diffusers_checkpoint(path), adaptive=adaptive, fidelity=fidelity, grid=grid)
+
+
+def _evaluate_model(run: _Run, name: str, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """One model's entry of the metrics (per NFE, reference solve, flow diagnostics) and its pictures."""
     model = _candidate(run, path)
+    run.work.report()  # the model is loaded and checked
     cond = _conditions(model, run)
     entry: dict[str, Any] = {"name": name, "model": str(path), "kind": model.kind, "solver": model.solver}
     if model.conditioning is not None:
         entry["conditioning"] = model.conditioning
     entry["nfe"] = {}
     pics: dict[str, Any] = {"rows": {}, "scatter": {}}
+    plan = expected_calls(run, path)
     for k in run.settings.nfes:
-        entry["nfe"][str(k)] = _nfe_cell(run, model, k, cond, pics)
-        step(name)
-    solved = _reference_solve_cell(run, model, cond)
+        with run.work.phase(f"{name}, NFE {k}", plan[f"nfe {k}"]):
+            entry["nfe"][str(k)] = _nfe_cell(run, model, k, cond, pics)
+    with run.work.phase(f"{name}, reference solve", plan["reference"]):
+        solved = _reference_solve_cell(run, model, cond)
     if solved is not None:
         entry["reference_solve"] = solved
-    step(name)
-    entry.update(_flow_cell(run, model, cond, pics))
-    step(name)
+    with run.work.phase(f"{name}, straightness", plan["diagnostics"]):
+        entry.update(_flow_cell(run, model, cond, pics))
     return entry, pics
 
 
@@ -369,7 +422,9 @@ def evaluate(
     progress: Progress | None = None,
 ) -> Evaluation:
     """Evaluate every model on the same noise, reference and held-out pairs (see the module docstring).
-    ``progress(stage, done, total)`` is called after each NFE, reference solve and diagnostics of a model."""
+    ``progress`` receives :class:`reflow.core.progress.Update` s of stage "eval" in network calls (one call
+    advancing one sample), from inside every solve (at most every ``PROGRESS_SECONDS``) and after each
+    NFE, reference solve and diagnostics of a model."""
     settings.check()
     paths = [Path(m) for m in ([models] if isinstance(models, (str, Path)) else models)]
     if not paths:
@@ -384,12 +439,12 @@ def evaluate(
     noise = {s: row_noise(s, range(settings.num_samples), reference.shape) for s in settings.seeds}
     classifier = digits_classifier() if reference.shape == (1, 8, 8) else None
     run = _Run(settings, reference, heldout, noise, device, classifier)
+    run.work = _Work(progress, total=sum(sum(expected_calls(run, p).values()) for p in paths))
     # 3. each model: quality and fidelity per NFE, reference solve, flow diagnostics, pictures
     pictures = _pictures(run)
-    step = _Steps(progress, total=len(paths) * (len(settings.nfes) + 2))
     results = []
     for name, path in zip(model_names(paths), paths, strict=True):
-        entry, pics = _evaluate_model(run, name, path, step)
+        entry, pics = _evaluate_model(run, name, path)
         results.append(entry)
         pictures["models"][name] = pics
     return Evaluation(metrics=_metrics(run, notes, results), pictures=pictures)

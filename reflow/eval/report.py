@@ -177,6 +177,25 @@ def _tile(images: np.ndarray) -> np.ndarray:
     return strip
 
 
+def grid_png(images: np.ndarray, columns: int = 16, min_side: int = 64) -> bytes:
+    """A PNG of (N, C, H, W) images in [-1, 1] (C = 1 or 3): rows of ``columns`` with 1-pixel gaps,
+    each image enlarged by a whole factor to at least ``min_side`` pixels (an 8x8 digit is drawn 64x64)."""
+    import matplotlib.image
+
+    n, c, h, w = images.shape
+    scale = max(1, -(-min_side // max(h, w)))
+    big = images.repeat(scale, axis=2).repeat(scale, axis=3)
+    width = min(n, columns) * (w * scale + 1) - 1
+    strips = []
+    for i in range(0, n, columns):
+        strip = _tile(big[i : i + columns])  # a row of images, then a 1-pixel gap below it
+        strips.append(np.pad(strip, ((0, 1), (0, width - strip.shape[1]), (0, 0)), constant_values=1))
+    canvas = np.concatenate(strips)[:-1]
+    buf = io.BytesIO()
+    matplotlib.image.imsave(buf, canvas[..., 0] if c == 1 else canvas, cmap="gray", vmin=0, vmax=1, format="png")
+    return buf.getvalue()
+
+
 def _plot_grid(name: str, pics: dict[str, Any], teacher_row: np.ndarray | None, out: Path) -> str:
     import matplotlib.pyplot as plt
 

@@ -160,7 +160,8 @@ def generate_pairs(
     (the teacher's outputs depend on them at ~1e-6). A complete ``out`` is checked (files, rows) and
     returned as it is.
 
-    ``progress(done_rows, total_rows)`` is called on this process as rows finish. Returns ``out``.
+    ``progress(done_rows, total_rows)`` is called on this process at the start, as batches finish, and
+    from inside a batch as the teacher's network calls finish (its share so far). Returns ``out``.
     Under Accelerate (torchrun / accelerate launch) every process must call this with the same arguments.
     """
     check_generate_args(num_pairs=num_pairs, batch_size=batch_size, shard_size=shard_size, dtype=dtype, seed=seed)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from reflow.core.noise import row_labels, row_noise
+from reflow.core.progress import OnCall, Throttle, batch_calls
 from reflow.errors import ReflowError
 from reflow.pairs.plan import ShardPlan, shard_dir, unfinished
 from reflow.pairs.schema import DTYPES
@@ -31,6 +32,7 @@ from reflow.pairs.writer import write_shard
 from reflow.teachers.base import Teacher
 
 Progress = Callable[[int, int], None]
+IN_BATCH_SECONDS = 0.5  # how often a batch reports from inside, at most
 
 
 @dataclass(frozen=True)
@@ -79,15 +81,18 @@ def draw(teacher: Teacher, rows: RowInputs, idx: range, pin: bool):
     return z0, y, z0.pin_memory(), (y.pin_memory() if y is not None else None)
 
 
-def call_teacher(teacher: Teacher, z0: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+def call_teacher(
+    teacher: Teacher, z0: torch.Tensor, y: torch.Tensor | None, on_call: OnCall | None = None
+) -> torch.Tensor:
     """The teacher's samples from ``z0`` (with the conditioning ``y`` of conditional teachers)."""
-    return (teacher(z0, y) if y is not None else teacher(z0)).detach()
+    return (teacher(z0, y, on_call=on_call) if y is not None else teacher(z0, on_call=on_call)).detach()
 
 
 @dataclass
 class ShardSink:
     """Collects finished batches, in order, into shards and hands each complete shard to the ``writer``
-    thread; ``progress(done_rows, total_rows)`` is called as batches finish."""
+    thread; ``progress(done_rows, total_rows)`` is called as batches finish, and from inside a batch
+    (:meth:`in_batch`) with its share so far."""
 
     writer: ThreadPoolExecutor
     plan: ShardPlan
@@ -100,6 +105,15 @@ class ShardSink:
     progress: Progress | None = None
     pending: Future | None = None
     parts: dict[str, list[np.ndarray]] = field(default_factory=lambda: {"z0": [], "z1": [], "y": []})
+    tick: Throttle = field(default_factory=lambda: Throttle(IN_BATCH_SECONDS))
+
+    def in_batch(self, rows: int, planned: int | None) -> OnCall | None:
+        """The teacher's ``on_call`` for a batch of ``rows`` rows taking ``planned`` network calls: reports
+        the batch's share as its calls finish (at most every ``IN_BATCH_SECONDS``)."""
+        if self.progress is None:
+            return None
+        progress, total = self.progress, self.total_rows
+        return batch_calls(lambda done: progress(done, total), self.tick, self.done_rows, rows, planned)
 
     def check(self) -> None:
         """Raise now the error of a shard write that failed (a full disk stops the run)."""
@@ -162,7 +176,8 @@ def run_batches(
             z0, y, z0_feed, y_feed = upcoming.result()
             if j + 1 < len(batches):
                 upcoming = drawer.submit(draw, teacher, rows, batches[j + 1][1], on_cuda)
-            batch = Batch(k, idx, z0, y, call_teacher(teacher, z0_feed, y_feed))
+            on_call = sink.in_batch(len(idx), teacher.network_calls)
+            batch = Batch(k, idx, z0, y, call_teacher(teacher, z0_feed, y_feed, on_call))
             if on_cuda and batch.z1.device.type == "cuda":
                 batch.z1 = batch.z1.to("cpu", non_blocking=True)  # into pinned memory, in stream order
                 batch.ready = torch.cuda.Event()

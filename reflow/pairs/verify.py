@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from reflow.core.noise import row_noise
+from reflow.core.progress import Progress, RowsProgress
 from reflow.errors import ReflowError
 from reflow.folders.kinds import PAIRS_RECORD
 from reflow.pairs.reader import open_pairs_dataset
@@ -24,6 +25,7 @@ def verify_pairs(
     device: torch.device | str = "cpu",
     allow_pickle: bool = False,
     batch_size: int = 256,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Check the folder's files against their recorded sizes and sha256, then re-run the recorded teacher
     on ``rows`` random rows and report the largest differences.
@@ -31,7 +33,9 @@ def verify_pairs(
     z0 is rebuilt from (seed, index) and compared with the stored z0, when stored (``z0_stored``; else
     ``max_abs_diff_z0`` is None: the rebuilt z0 is the pairs' z0); the teacher's output from it is compared
     with the stored z1. A teacher whose weights or configs changed since is refused. ``files_checked`` in
-    the report counts the files whose hashes matched (0 for older folders that recorded none).
+    the report counts the files whose hashes matched (0 for older folders that recorded none). ``progress``
+    receives Updates of stage "verify" in rows re-run, from the teacher's load on, and from inside a batch as
+    its network calls finish.
     """
     if rows < 1:
         raise ReflowError(f"--rows must be at least 1, got {rows}")
@@ -46,7 +50,7 @@ def verify_pairs(
     sub = _pick_rows(path, ds, rows, seed)
     store = DTYPES[prov["dtype"]]
     z0 = row_noise(prov["seed"], sub["index"], tuple(prov["sample_shape"]))
-    z1 = _rerun(teacher, z0, sub, batch_size).to(store).float()
+    z1 = _rerun(teacher, z0, sub, batch_size, progress).to(store).float()
     stored = "z0" in sub
     return {
         "rows": len(z0),
@@ -104,16 +108,22 @@ def _pick_rows(path: Path, ds, rows: int, seed: int) -> dict[str, Any]:
         raise damaged(path, f"its rows do not read ({type(e).__name__})") from None
 
 
-def _rerun(teacher: Teacher, z0: torch.Tensor, sub: dict[str, Any], batch_size: int) -> torch.Tensor:
+def _rerun(
+    teacher: Teacher, z0: torch.Tensor, sub: dict[str, Any], batch_size: int, progress: Progress | None
+) -> torch.Tensor:
     """The teacher's output from ``z0`` with the rows' labels or prompts, in batches, float32 on the CPU."""
-    outs = []
-    for b in range(0, len(z0), batch_size):
+    outs, total = [], len(z0)
+    tell = RowsProgress(progress, "verify", total)
+    tell(0)
+    for b in range(0, total, batch_size):
         chunk = z0[b : b + batch_size]
+        on_call = tell.in_batch(b, len(chunk), teacher.network_calls)
         if "label" in sub:
-            outs.append(teacher(chunk, sub["label"][b : b + batch_size]).float().cpu())
+            outs.append(teacher(chunk, sub["label"][b : b + batch_size], on_call=on_call).float().cpu())
         elif "prompt" in sub:
             embeds = teacher.encode_prompts(list(sub["prompt"][b : b + batch_size]))
-            outs.append(teacher(chunk, embeds).float().cpu())
+            outs.append(teacher(chunk, embeds, on_call=on_call).float().cpu())
         else:
-            outs.append(teacher(chunk).float().cpu())
+            outs.append(teacher(chunk, on_call=on_call).float().cpu())
+        tell(b + len(chunk))
     return torch.cat(outs)

@@ -1,4 +1,8 @@
-"""RUN/manifest.json: the recipe of a run, and per stage its output, status and the time it took."""
+"""RUN/manifest.json: the recipe of a run, and per stage its output, status and the time it took.
+
+A stage's record is "running" while it runs (its wall and CPU seconds so far, rewritten as it goes), then
+"done". A run killed in a stage leaves the running record, and the rerun that resumes the stage adds its
+own time to it, so a stage's time counts every run that worked on it."""
 
 from __future__ import annotations
 
@@ -45,9 +49,26 @@ class Manifest:
     def done(self, stage: str) -> bool:
         return self.data["stages"].get(stage, {}).get("status") == "done"
 
+    def spent(self, stage: str) -> tuple[float, float] | None:
+        """The (wall, CPU) seconds killed runs spent on ``stage`` so far, or None when none was recorded."""
+        rec = self.data["stages"].get(stage, {})
+        if rec.get("status") != "running":
+            return None
+        return float(rec["wall_seconds"]), float(rec["cpu_seconds"])
+
+    def running(self, stage: str, output: Path, wall: float, cpu: float) -> None:
+        """``stage`` is running and has taken ``wall`` and ``cpu`` seconds so far (earlier runs of it included)."""
+        self.data["stages"][stage] = {
+            "status": "running",
+            "output": str(output),
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+        }
+        self.save()
+
     def record(self, stage: str, output: Path, wall: float | None, cpu: float | None, **info: Any) -> None:
-        """``stage`` is done: its output, wall and CPU seconds (None: finished by a run killed before it could
-        record them) and what else the stage reports."""
+        """``stage`` is done: its output, wall and CPU seconds over every run that worked on it (None: finished
+        by a run killed before it recorded any) and what else the stage reports."""
         self.data["stages"][stage] = {
             "status": "done",
             "output": str(output),

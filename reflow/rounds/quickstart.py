@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from reflow.core.progress import Progress
 from reflow.errors import ReflowError
 from reflow.folders.files import BUNDLED
 from reflow.rounds.recipe import Recipe
 from reflow.rounds.run import run_rounds
-from reflow.rounds.stages import Progress
 
 BUNDLED_TEACHER = BUNDLED / "teachers" / "digits-ddpm"
 QUICKSTART_NFES = [1, 2, 4]

@@ -16,13 +16,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from reflow.core.progress import Progress
 from reflow.eval import Evaluation, write_report
 from reflow.folders.io import claim_output, mark_output
 from reflow.folders.prompts import read_prompts
 from reflow.folders.runtime import partial_state
 from reflow.rounds.manifest import Manifest
 from reflow.rounds.recipe import Recipe
-from reflow.rounds.stages import Progress, Row, RunContext, distill_stages, round_stages, teacher_stages
+from reflow.rounds.stages import Row, RunContext, RunProgress, plan_run, run_stage
 
 
 def run_rounds(
@@ -33,21 +34,22 @@ def run_rounds(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a recipe into ``out``; returns the metrics of the table across rounds
-    (``out/report/metrics.json``)."""
+    (``out/report/metrics.json``). ``progress`` receives :class:`reflow.core.progress.Update` s named after
+    the stages (``round-1/pairs``, ``round-1/student``, ``round-1/report``, ...), each with its place in
+    the run and the fraction of the run's estimated work done."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_toml(recipe)
     run, state = Path(out), partial_state()
     _claim(run, recipe, state)
     manifest = Manifest.open(run, recipe, state)
     prompts = None if recipe.pairs.prompts is None else read_prompts(recipe.pairs.prompts)
-    ctx = RunContext(run, recipe, manifest, state, device=device, progress=progress, prompts=prompts)
-    # The starting teacher: its held-out pairs (fidelity of every round to it) and its own report.
-    rows = teacher_stages(ctx)
-    teacher = recipe.teacher.checkpoint  # None: round 1 learns from data
-    for k in range(1, recipe.rounds + 1):
-        teacher = str(round_stages(ctx, k, teacher))
-        rows.append(Row(f"round-{k}", f"round-{k}"))
-    rows += distill_stages(ctx)
+    ctx = RunContext(run, recipe, manifest, state, device=device, prompts=prompts)
+    # The starting teacher's held-out pairs (fidelity of every round to it) and its own report, then
+    # each round's pairs, student and report, then the distilled students.
+    stages, rows = plan_run(ctx)
+    ctx.tracker = RunProgress(progress, [stage.cost for stage in stages])
+    for index, stage in enumerate(stages):
+        run_stage(ctx, stage, index)
     return _write_table(ctx, rows)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from reflow.core.progress import Throttle
 from reflow.core.solvers import time_grid
 from reflow.errors import ReflowError
 from reflow.folders.runtime import use_cpu
@@ -37,7 +38,12 @@ from reflow.student.objectives import Grid, StepLoss, load_features, step_loss
 from reflow.student.output import already_complete, claim, finished_run, save_output
 
 ProgressFn = Callable[[int, int, float, float], None]
-"""``progress(step, max_steps, loss, samples_per_second)``."""
+"""``progress(step, max_steps, loss, samples_per_second)``: called on the local main process when the loop
+starts (at the resumed step, loss NaN), at every log and checkpoint step, and in between at the first step
+and then every ``PROGRESS_SECONDS``. ``loss`` is the mean over the last log window: between log steps the
+last logged one (NaN before the first), so these calls add no host sync."""
+
+PROGRESS_SECONDS = 2.0
 
 
 def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
@@ -122,6 +128,8 @@ def run_steps(
     loss_value = float("nan")
     loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: no host sync per step
     loss_count = 0
+    tick = Throttle(PROGRESS_SECONDS)
+    tell(state, progress, step, config.max_steps, loss_value, 0.0)  # the loop starts
     with ThreadPoolExecutor(max_workers=1) as prefetch:
         upcoming = prefetch.submit(batches.draw, step) if step < config.max_steps else None
         while step < config.max_steps:
@@ -141,6 +149,9 @@ def run_steps(
                 loss_count = 0
                 sps = (step - start_step) * config.batch_size / max(time.perf_counter() - start_time, 1e-9)
                 report(state, config, step, loss_value, sps, progress)
+            elif progress is not None and tick():  # between log steps: the last logged loss
+                sps = (step - start_step) * config.batch_size / max(time.perf_counter() - start_time, 1e-9)
+                tell(state, progress, step, config.max_steps, loss_value, sps)
             if at_checkpoint:
                 save_checkpoint(out, state, step, settings)
     return step, loss_value, time.perf_counter() - start_time
@@ -179,8 +190,13 @@ def report(
     """Log the step's loss, learning rate and speed to the trackers, and call ``progress`` (local main only)."""
     lr = state.scheduler.get_last_lr()[0]
     state.accelerator.log({"loss": loss, "lr": lr, "samples_per_second": sps}, step=step)  # no-op without trackers
+    tell(state, progress, step, config.max_steps, loss, sps)
+
+
+def tell(state: TrainingState, progress: ProgressFn | None, step: int, total: int, loss: float, sps: float) -> None:
+    """``progress(step, total, loss, sps)`` on the local main process only."""
     if progress and state.accelerator.is_local_main_process:
-        progress(step, config.max_steps, loss, sps)
+        progress(step, total, loss, sps)
 
 
 def student_model(config: TrainConfig, data: TrainData, settings: dict[str, Any]) -> torch.nn.Module:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from reflow.core.conditioning import Conditioning
+from reflow.core.progress import OnCall
 from reflow.errors import ReflowError
 
 
@@ -44,9 +45,17 @@ class Teacher(ABC):
         """The teacher's provenance (JSON-ready), recorded with the pairs it makes and compared on resume."""
 
     @abstractmethod
-    def __call__(self, z0: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, z0: torch.Tensor, cond: torch.Tensor | None = None, *, on_call: OnCall | None = None
+    ) -> torch.Tensor:
         """z1 (B, *sample_shape) from the unit Gaussian z0 (B, *sample_shape) and the conditioning ``cond``:
-        class labels (B,) for "class", prompt embeddings (B, *embed_shape) for "text", None otherwise."""
+        class labels (B,) for "class", prompt embeddings (B, *embed_shape) for "text", None otherwise.
+        ``on_call(B)`` is called after each network call (progress from inside a batch)."""
+
+    @property
+    def network_calls(self) -> int | None:
+        """The network calls one batch takes (None when unknown ahead, as for an adaptive solver)."""
+        return None
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(B, *embed_shape) prompt embeddings for a text teacher; any other teacher refuses."""

@@ -10,8 +10,9 @@ import torch
 
 from reflow.core.conditioning import DESCRIPTION, keywords
 from reflow.core.flow import Conditioned
+from reflow.core.progress import OnCall
 from reflow.core.sampling import solve_model
-from reflow.core.solvers import SOLVERS
+from reflow.core.solvers import SOLVERS, heun_steps_for_nfe
 from reflow.errors import ReflowError
 from reflow.folders.files import config_hash, weights_hash
 from reflow.folders.kinds import read_index
@@ -106,7 +107,16 @@ class FlowTeacher(Teacher):
             cond = cond.to(self.device)
         return Conditioned(self.model, **keywords(self.conditioning, cond))
 
+    @property
+    def network_calls(self) -> int | None:
+        if self.solver == "adaptive":
+            return None
+        return self.nfe if self.solver == "euler" else 2 * heun_steps_for_nfe(self.nfe) - 1
+
     @torch.inference_mode()
-    def __call__(self, z0: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, z0: torch.Tensor, cond: torch.Tensor | None = None, *, on_call: OnCall | None = None
+    ) -> torch.Tensor:
         # a MeanFlow student teaches with its nfe jumps, any other flow with its ODE solve
-        return solve_model(self._velocity(cond), z0.to(self.device), self.nfe, self.solver).z1
+        velocity = self._velocity(cond)
+        return solve_model(velocity, z0.to(self.device), self.nfe, self.solver, on_call=on_call).z1

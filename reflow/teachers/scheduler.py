@@ -35,6 +35,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from reflow.core.conditioning import keywords
+from reflow.core.progress import OnCall
 from reflow.errors import ReflowError
 from reflow.folders.files import config_hash, first_line, json_clean, read_json
 from reflow.teachers.base import Teacher
@@ -277,8 +278,14 @@ class SchedulerTeacher(Teacher):
             out = uncond + self.guidance_scale * (conditional - uncond)
         return out
 
+    @property
+    def network_calls(self) -> int:
+        return self.nfe  # one UNet call per timestep (a guided one batches both halves)
+
     @torch.inference_mode()
-    def __call__(self, z0: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, z0: torch.Tensor, cond: torch.Tensor | None = None, *, on_call: OnCall | None = None
+    ) -> torch.Tensor:
         if tuple(z0.shape[1:]) != self.sample_shape:
             want = ", ".join(map(str, self.sample_shape))
             raise ReflowError(f"z0 has shape {tuple(z0.shape)}; this teacher takes (B, {want})")
@@ -296,4 +303,6 @@ class SchedulerTeacher(Teacher):
             if out.dtype != x.dtype:  # autocast: step the solver in the sample's precision
                 out = out.to(x.dtype)
             x = self.scheduler.step(out, t, x, **self.step_kwargs).prev_sample
+            if on_call is not None:
+                on_call(x.shape[0])
         return self._finish(x)

@@ -136,14 +136,6 @@ def test_full_loop(tmp_path, tiny_config):
     assert metrics["straightness"] >= 0 and metrics["curvature"] >= 0
 
 
-def test_quickstart_tiny(tmp_path):
-    r = invoke("quickstart", "--out", tmp_path / "qs", "--steps", 4, "--num-pairs", 32, "--eval-samples", 64)
-    assert r.exit_code == 0, r.output
-    assert "distill-k1" in r.output and (tmp_path / "qs" / "report" / "metrics.json").is_file()
-    assert "picture:" in r.output
-    assert (tmp_path / "qs" / "distill" / "report" / "samples_student.png").is_file()
-
-
 def one_error_line(result, *needles):
     assert result.exit_code == 2, result.output
     lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]

@@ -45,7 +45,7 @@ def test_meanflow_through_the_cli_and_its_errors(tmp_path, tiny_flow):
     assert np.load(tmp_path / "s.npy").shape == (8, 2)
     one_error_line(
         invoke("sample", "--model", out, "--nfe", 2, "--solver", "heun", "--num", 4, "--out", tmp_path / "h.npy"),
-        "samples in jumps",
+        "MeanFlow model: it samples in jumps",
     )
     base = ("train", "--pairs", pairs, "--out", tmp_path / "x", "--max-steps", 2, *TINY)
     one_error_line(invoke(*base, "--objective", "mean"), "--objective must be one of velocity, meanflow")

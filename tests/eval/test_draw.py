@@ -139,3 +139,43 @@ def test_write_samples_is_what_the_command_writes(tmp_path, class_flow):
     np.save(tmp_path / "z.labels.npy", np.zeros((2, 1, 8, 8), np.float32))
     with pytest.raises(ReflowError, match="the --noise input"):
         check_sample_output(tmp_path / "z.npy", class_flow, tmp_path / "z.labels.npy")
+
+
+def test_a_diffusers_checkpoint_samples_with_its_own_ddim_and_a_grid_shows_the_images(tmp_path):
+    """`reflow sample` on a DDPM checkpoint: its own DDIM at --nfe, as eval samples it (the same samples as the
+    teacher's solve of the same batch), with the PNG grid beside; a flow's solvers are refused for it."""
+    from ddpm_helpers import save, tiny_unet
+    from diffusers import DDPMScheduler
+    from matplotlib.image import imread
+
+    from reflow.teachers import load_teacher
+
+    folder = save(tmp_path, "ddpm", tiny_unet(), DDPMScheduler(clip_sample=True))
+    result = sample(folder, 3, num=5, seed=2, device="cpu")
+    teacher = load_teacher(folder, nfe=3, solver="ddim")
+    want = teacher(row_noise(2, range(5), teacher.sample_shape)).clamp(-1, 1)
+    np.testing.assert_array_equal(result.samples, want.numpy())  # the same batch through the same loop
+    assert result.record["solver"] == "ddim" and result.nfe == 3
+    out, grid = tmp_path / "s.npy", tmp_path / "s.png"
+    cli_ok("sample", "--model", folder, "--nfe", 3, "--num", 5, "--seed", 2, "--out", out, "--grid", grid)
+    np.testing.assert_array_equal(np.load(out), result.samples)
+    picture = imread(grid)
+    assert picture.shape[:2] == (64, 5 * 65 - 1)  # one row of five 8x8 images drawn 64x64, 1-pixel gaps
+    assert output_owner(grid, "file") == "sample"
+    with pytest.raises(ReflowError, match="ddim or dpm, not heun"):
+        sample(folder, 2, num=2, solver="heun", device="cpu")
+
+
+def test_a_grid_of_non_image_samples_is_refused_with_one_line(tmp_path, tiny_flow):
+    from typer.testing import CliRunner
+
+    from reflow.cli.app import app
+
+    out = tmp_path / "s.npy"
+    args = ["sample", "--model", tiny_flow, "--num", 4, "--out", out, "--grid", tmp_path / "s.png"]
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "--grid draws image samples" in lines[0], r.output
+    assert not out.exists() and not (tmp_path / "s.png").exists()
+    with pytest.raises(ReflowError, match="euler, heun, adaptive, not ddim"):
+        sample(tiny_flow, 1, num=2, solver="ddim", device="cpu")

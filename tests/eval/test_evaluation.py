@@ -171,3 +171,22 @@ def test_eval_errors(tmp_path, tiny_flow, digits_setup):
         evaluate(tiny_flow, EvalSettings(nfes=[1], reference="moons", heldout=str(digits_setup / "heldout")))
     with pytest.raises(ReflowError, match="no such model"):
         evaluate(tmp_path / "missing", EvalSettings(nfes=[1], reference="moons"))
+
+
+def test_progress_counts_network_calls_from_inside_every_solve(tiny_flow, monkeypatch):
+    import sys
+
+    # the module, not the function reflow.eval re-exports under its name
+    monkeypatch.setattr(sys.modules["reflow.eval.evaluate"], "PROGRESS_SECONDS", 0.0)  # report at every call
+    updates = []
+    settings = EvalSettings(nfes=[1, 4], reference="moons", num_samples=100, seeds=[1], diagnostics_samples=32)
+    evaluate([tiny_flow], settings, progress=updates.append)
+    assert all(u.stage == "eval" and u.unit == "calls" for u in updates)
+    done = [u.done for u in updates]
+    assert done[0] == 0 and done == sorted(done) and updates[-1].done == updates[-1].total
+    # NFE 1 and 4 on 100 samples, then the diagnostics' 100-step solve of 32 draws, call by call
+    assert 100 in done and 500 in done
+    straightness = [u.done for u in updates if u.info.endswith("straightness")]
+    assert len(straightness) >= 100
+    # adaptive solves are planned at a guess and counted as they run: the total ends at what was done
+    assert updates[-1].total == updates[-1].done != updates[0].total

@@ -238,3 +238,25 @@ def test_push_to_hub_is_called_with_the_repo(tiny_flow, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, repo, **kw: calls.append((repo, len(self))))
     generate_pairs(FlowTeacher(tiny_flow, nfe=2), tmp_path / "q", 20, batch_size=8, push_to_hub="me/pairs")
     assert calls == [("me/pairs", 20), ("me/pairs", 20)]
+
+
+def test_progress_comes_from_inside_a_batch(tiny_flow, tmp_path):
+    """One batch of 64 rows through an 8-call teacher reports rows before the batch ends (its share of the calls
+    made), never backwards, and never the whole batch before it is stored."""
+    seen = []
+    generate_pairs(
+        FlowTeacher(tiny_flow, nfe=8), tmp_path / "p", 64, batch_size=64, progress=lambda d, t: seen.append(d)
+    )
+    assert seen[0] == 0 and seen[-1] == 64 and seen == sorted(seen)
+    assert 8 in seen and all(d < 64 for d in seen[:-1])  # after the first of 8 calls: an eighth of the rows
+
+
+def test_verify_reports_the_rows_it_re_runs(tiny_flow, tmp_path):
+    from reflow.pairs import verify_pairs
+
+    out = generate_pairs(FlowTeacher(tiny_flow, nfe=4), tmp_path / "p", 20, batch_size=20)
+    updates = []
+    report = verify_pairs(out, 6, batch_size=4, progress=updates.append)
+    assert report["rows"] == 6 and all((u.stage, u.unit, u.total) == ("verify", "rows", 6) for u in updates)
+    done = [u.done for u in updates]
+    assert done[0] == 0 and 4 in done and done[-1] == 6 and done == sorted(done)

@@ -51,8 +51,8 @@ KILL = textwrap.dedent(
     """
     import os, signal, sys
     from reflow.rounds.run import run_rounds
-    def progress(stage, done, total, info=""):
-        if stage == "train round 2" and done >= 15:
+    def progress(update):
+        if update.stage == "round-2/student" and update.done >= 15:
             os.kill(os.getpid(), signal.SIGKILL)
     run_rounds(sys.argv[1], sys.argv[2], progress=progress)
     """
@@ -68,7 +68,8 @@ def test_two_rounds_killed_midway_resume_and_complete(tmp_path):
     before = json.loads((run / "manifest.json").read_text())
     assert not before["complete"]
     assert {"round-1/student", "round-1/report", "round-2/pairs"} <= set(before["stages"])
-    assert "round-2/student" not in before["stages"]
+    # the killed stage is not done (it may hold a running record: its time so far)
+    assert before["stages"].get("round-2/student", {}).get("status") in (None, "running")
     assert (run / "round-2" / "student.checkpoints").is_dir()  # killed after the step-10 checkpoint
 
     r = CliRunner().invoke(app, ["rounds", "--config", str(recipe), "--out", str(run)])
@@ -272,3 +273,65 @@ def test_bad_distill_k(tmp_path, k):
     path.write_text(f'[teacher]\ndata = "moons"\n[distill]\nk = {k}\n')
     with pytest.raises(ReflowError, match="k"):
         Recipe.from_toml(path)
+
+
+SMALL = """
+rounds = 1
+[teacher]
+data = "moons"
+[pairs]
+heldout = 64
+solver = "euler"
+nfe = 4
+[train]
+max_steps = 10
+batch_size = 32
+hidden_dim = 32
+num_layers = 2
+time_embed_dim = 16
+checkpoint_every = 4
+log_every = 1
+log_with = "none"
+[eval]
+nfes = [1]
+num_samples = 64
+seeds = [1]
+diagnostics_samples = 16
+num_fidelity = 64
+adaptive = false
+"""
+
+
+def test_a_killed_stage_records_its_time_and_the_rerun_adds_its_own(tmp_path, monkeypatch):
+    """The manifest holds a running stage's wall and CPU seconds as it goes; the run that resumes it adds its own,
+    so the stage's time counts every run that worked on it. Every update names the stage and its place in the run."""
+    import reflow.rounds.stages
+    from reflow.rounds.run import run_rounds
+
+    monkeypatch.setattr(reflow.rounds.stages, "CLOCK_SECONDS", 0.0)  # record at every update
+    recipe, run = tmp_path / "recipe.toml", tmp_path / "run"
+    recipe.write_text(SMALL)
+
+    class Stop(Exception):
+        pass
+
+    def stop(update):
+        if update.stage == "round-1/student" and update.done >= 6:
+            raise Stop  # after the step-4 checkpoint, as a kill would
+
+    with pytest.raises(Stop):
+        run_rounds(recipe, run, progress=stop)
+    killed = json.loads((run / "manifest.json").read_text())["stages"]["round-1/student"]
+    assert killed["status"] == "running" and killed["wall_seconds"] > 0 and killed["cpu_seconds"] > 0
+
+    updates = []
+    run_rounds(recipe, run, progress=updates.append)
+    done = json.loads((run / "manifest.json").read_text())["stages"]["round-1/student"]
+    assert done["status"] == "done" and done["resumed"] and done["steps"] == 10
+    assert done["wall_seconds"] > killed["wall_seconds"] and done["cpu_seconds"] > killed["cpu_seconds"]
+    student = [u for u in updates if u.stage == "round-1/student"]
+    assert student[0].done == 4 and student[-1].done == 10 and student[0].unit == "steps"  # resumed at its checkpoint
+    assert [u.stage for u in updates if u.index == 2][:1] == ["heldout"]
+    assert {(u.index, u.count) for u in updates} == {(1, 3), (2, 3), (3, 3)}
+    overall = [u.overall for u in updates]
+    assert overall == sorted(overall) and overall[-1] == pytest.approx(1.0)

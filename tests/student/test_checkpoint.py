@@ -250,8 +250,8 @@ def test_rounds_rerun_never_unpickles(tmp_path, marker):
     recipe, run = tmp_path / "recipe.toml", tmp_path / "run"
     recipe.write_text(ROUNDS)
 
-    def progress(stage, done, total, info=""):
-        if stage == "train round 1" and done >= 10:
+    def progress(update):
+        if update.stage == "round-1/student" and update.done >= 10:
             raise Stop
 
     with pytest.raises(Stop):

@@ -1,4 +1,5 @@
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def test_round1_learns_and_writes_a_model_folder(tmp_path):
         TrainConfig(out=str(tmp_path / "m"), data="8gaussians", max_steps=200, lr=3e-3, **TINY),
         progress=lambda step, total, loss, sps: losses.append(loss),
     )
+    losses = [loss for loss in losses if not math.isnan(loss)]  # the calls before the first log step carry NaN
     assert result.steps == 200 and (tmp_path / "m" / "config.json").is_file()
     assert losses[-1] < 0.8 * losses[0]
     card = (tmp_path / "m" / "README.md").read_text()
@@ -265,3 +267,14 @@ def test_pairs_reader_gathers_exactly_the_stored_rows(tiny_flow, tmp_path):
     np.testing.assert_array_equal(z0.numpy(), stored[idx.tolist()]["z0"])
     np.testing.assert_array_equal(z1.numpy(), stored[idx.tolist()]["z1"])
     assert cond == {} and len(PairsReader(pairs, max_rows=10)) == 10
+
+
+def test_progress_comes_when_the_loop_starts_and_at_the_first_step_not_only_at_log_steps(tmp_path):
+    """A long log window still shows progress from the start: the loop's start (step 0) and its first step, with
+    the loss NaN until the first log step (between log steps the loss is not read back from the device)."""
+    calls = []
+    config = TrainConfig(out=str(tmp_path / "m"), data="moons", max_steps=6, **{**TINY, "log_every": 1000})
+    train(config, progress=lambda step, total, loss, sps: calls.append((step, total, loss)))
+    assert [step for step, _, _ in calls[:2]] == [0, 1] and calls[-1][0] == 6
+    assert all(total == 6 for _, total, _ in calls)
+    assert math.isnan(calls[0][2]) and math.isnan(calls[1][2]) and math.isfinite(calls[-1][2])
