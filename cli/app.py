@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from reflow.cli.progress import Reporter, is_local_main
+from reflow.cli.progress import Reporter, is_main
 from reflow.core.progress import Progress, StageProgress
 from reflow.errors import ReflowError
 from reflow.version import __version__
@@ -51,8 +51,8 @@ OUTPUT = _Output()
 
 
 def show(*objects: Any) -> None:
-    """Print results on stdout (the local main process only) and into the --log-file."""
-    if is_local_main():
+    """Print results on stdout (the launch's main process only) and into the --log-file."""
+    if is_main():
         console.print(*objects)
     if OUTPUT.log_console is not None:
         OUTPUT.log_console.print(*objects)
@@ -61,8 +61,8 @@ def show(*objects: Any) -> None:
 @contextmanager
 def progress_shown() -> Iterator[Progress]:
     """The progress callback of a command: a live bar when stderr is a terminal, timestamped lines when it
-    is not, nothing on screen with --quiet, lines into the --log-file; only on the local main process."""
-    if not is_local_main():
+    is not, nothing on screen with --quiet, lines into the --log-file; only on the launch's main process (rank 0)."""
+    if not is_main():
         yield lambda update: None
         return
     terminal = err_console.is_terminal
@@ -739,7 +739,7 @@ def version_callback(value: bool) -> None:
 
 
 def _open_log(ctx: typer.Context, log_file: Path) -> None:
-    """Append this command's progress lines, results and errors to ``log_file`` (local main process)."""
+    """Append this command's progress lines, results and errors to ``log_file`` (the main process)."""
     try:
         log = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed with the context)
     except OSError as e:
@@ -768,7 +768,7 @@ def root(
 ) -> None:
     """The options every command shares (the app's help is the module docstring)."""
     OUTPUT.quiet, OUTPUT.log, OUTPUT.log_console = quiet, None, None
-    if log_file is not None and is_local_main():
+    if log_file is not None and is_main():
         _open_log(ctx, log_file)
 
 

@@ -1,7 +1,8 @@
 """Progress on the command line: a live bar on a terminal, plain timestamped lines anywhere else (a file, a
 pipe, a cluster job's log), nothing on screen with ``--quiet``; ``--log-file`` gets the lines whatever the
-screen shows. Only the local main process shows progress (``LOCAL_RANK``, which torchrun and accelerate
-launch set), so a run on eight GPUs prints one bar, not eight.
+screen shows. Only the main process of the whole launch shows progress (``RANK`` 0, which torchrun and
+accelerate launch set; ``LOCAL_RANK`` when only that is set), so a run on eight GPUs prints one bar, not
+eight, and a run on two nodes one, not two.
 
 The library reports :class:`reflow.core.progress.Update` s. A stage's rate is measured from its first
 update, which comes when its work starts (a resumed stage: where it resumes), so its ETA is there from
@@ -27,9 +28,10 @@ LINE_SECONDS = 30.0  # a progress line at least this often
 LINE_PERCENT = 10  # and at every tenth of a stage
 
 
-def is_local_main() -> bool:
-    """Whether this process shows progress: the only process, or local rank 0 of a launch."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+def is_main() -> bool:
+    """Whether this process shows progress and results: the only process, or rank 0 of a launch (every node
+    has a local rank 0; a cluster gathers the nodes' output into one log)."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
 def hms(seconds: float | None) -> str:

@@ -38,7 +38,7 @@ from reflow.student.objectives import Grid, StepLoss, load_features, step_loss
 from reflow.student.output import already_complete, claim, finished_run, save_output
 
 ProgressFn = Callable[[int, int, float, float], None]
-"""``progress(step, max_steps, loss, samples_per_second)``: called on the local main process when the loop
+"""``progress(step, max_steps, loss, samples_per_second)``: called on the main process (rank 0) when the loop
 starts (at the resumed step, loss NaN), at every log and checkpoint step, and in between at the first step
 and then every ``PROGRESS_SECONDS``. ``loss`` is the mean over the last log window: between log steps the
 last logged one (NaN before the first), so these calls add no host sync."""
@@ -187,15 +187,15 @@ def finite_loss(accelerator: Any, loss: torch.Tensor, step: int, out: Path) -> f
 def report(
     state: TrainingState, config: TrainConfig, step: int, loss: float, sps: float, progress: ProgressFn | None
 ) -> None:
-    """Log the step's loss, learning rate and speed to the trackers, and call ``progress`` (local main only)."""
+    """Log the step's loss, learning rate and speed to the trackers, and call ``progress`` (main process only)."""
     lr = state.scheduler.get_last_lr()[0]
     state.accelerator.log({"loss": loss, "lr": lr, "samples_per_second": sps}, step=step)  # no-op without trackers
     tell(state, progress, step, config.max_steps, loss, sps)
 
 
 def tell(state: TrainingState, progress: ProgressFn | None, step: int, total: int, loss: float, sps: float) -> None:
-    """``progress(step, total, loss, sps)`` on the local main process only."""
-    if progress and state.accelerator.is_local_main_process:
+    """``progress(step, total, loss, sps)`` on the main process (rank 0) only."""
+    if progress and state.accelerator.is_main_process:
         progress(step, total, loss, sps)
 
 

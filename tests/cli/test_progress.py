@@ -121,8 +121,11 @@ def test_quiet_log_file_and_other_processes(tmp_path, tiny_toml):
     r = invoke("-q", "--log-file", log, "train", "--data", tmp_path / "missing.npy", "--out", tmp_path / "c")
     assert r.exit_code == 2 and r.output.startswith("error:")
     assert log.read_text().startswith(first) and "error: no such file" in log.read_text()
-    # a process other than the local main one prints nothing (its result goes to rank 0's output)
+    # a process other than the main one prints nothing (its result goes to rank 0's output): local rank 1,
+    # or local rank 0 of another node (rank 1 of two one-process nodes)
     r = invoke(*train, "--out", tmp_path / "d", LOCAL_RANK="1")
+    assert r.exit_code == 0 and r.output == ""
+    r = invoke(*train, "--out", tmp_path / "e", LOCAL_RANK="0", RANK="1")
     assert r.exit_code == 0 and r.output == ""
 
 
