@@ -146,9 +146,11 @@ class UNetFlow(nn.Module):
         class_labels = s - t  (in [0, 1]),      unet(x_t, timestep, class_labels) = -u(x_t, t, s)
 
     0 for s = t, and s = None means s = t. Not in timestep units (x num_train_timesteps): the MeanFlow target
-    differentiates the network in t, and through sinusoids of up to 1000 radians per unit of the gap it grew
-    without bound (digits, from the round-1 student: loss 1.4 -> 53 in 150 steps); at this scale the features
-    are smooth in the gap. diffusers feeds that embedding the float32 sinusoid whatever the UNet's dtype; a
+    differentiates the network in t, and a time input at DDPM's scale made a fresh MLP's target blow up
+    (``MLPVelocity``); at flow-time scale the gap's sinusoids are smooth. (On the digits UNet from a
+    round-1 student, both scales gave the same loss over the first 200 steps; docs/results.md.)
+
+    diffusers feeds that embedding the float32 sinusoid whatever the UNet's dtype; a
     forward pre-hook casts it to the embedding's dtype so float16 / float64 UNets run. See :func:`to_mean_flow`.
     """
 
