@@ -203,6 +203,11 @@ def student_model(config: TrainConfig, data: TrainData, settings: dict[str, Any]
     """The model a training starts from, a MeanFlow one (a second time input, zero at first, so it starts
     as the velocity model it is made from) for ``objective = "meanflow"``."""
     model = velocity_model(config, data, settings)
+    if config.distill_k is not None and getattr(model, "mean_flow", False):
+        raise ReflowError(
+            f"--init {config.init} is a MeanFlow student: it samples in jumps and needs no distillation; "
+            "sample it with --nfe k, or distill a velocity student"
+        )
     if config.objective == "meanflow" and not getattr(model, "mean_flow", False):
         model = to_mean_flow(model)
     return model

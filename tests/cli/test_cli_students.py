@@ -42,6 +42,10 @@ def test_meanflow_through_the_cli_and_its_errors(tmp_path, tiny_flow):
     )  # fmt: skip
     assert "3 steps" in r.output
     cli_ok("sample", "--model", out, "--nfe", 1, "--num", 8, "--seed", 0, "--out", tmp_path / "s.npy")
+    one_error_line(
+        invoke("distill", "--pairs", pairs, "--init", out, "--out", tmp_path / "k1", *TINY), "needs no distillation"
+    )
+    assert not (tmp_path / "k1").exists()
     assert np.load(tmp_path / "s.npy").shape == (8, 2)
     one_error_line(
         invoke("sample", "--model", out, "--nfe", 2, "--solver", "heun", "--num", 4, "--out", tmp_path / "h.npy"),
