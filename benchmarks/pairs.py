@@ -40,22 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
+from benchmarks.standin import StandIn  # noqa: E402
 from reflow.pairs import generate_pairs  # noqa: E402
 from reflow.student import TrainConfig, train  # noqa: E402
-from reflow.teachers.base import Teacher  # noqa: E402
-
-
-class StandIn(Teacher):
-    """A teacher that costs nothing: z1 = tanh(z0). Only the bytes and the reading are measured."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.path, self.device, self.sample_shape = Path("stand-in"), torch.device("cpu"), shape
-
-    def describe(self) -> dict[str, Any]:
-        return {"teacher": "stand-in: tanh(z0)", "solver": "none", "nfe": 0}
-
-    def __call__(self, z0: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.tanh(z0)
 
 
 def arrow_bytes(folder: Path) -> int:
