@@ -38,6 +38,17 @@ def cli_ok(*args):
     return r
 
 
+def one_error_line(result, *needles) -> str:
+    """A CliRunner ``result`` that failed as a user error should: exit code 2 and one line, ``error: ...``,
+    containing every one of ``needles``; returns that line."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def free_port() -> str:
     """A TCP port free right now, for torchrun's --master_port (a fixed one collides with any other run)."""
     import socket

@@ -5,7 +5,7 @@ import json
 import datasets
 import numpy as np
 import pytest
-from helpers import assert_f32_close
+from helpers import assert_f32_close, one_error_line
 from typer.testing import CliRunner
 
 from reflow.cli.app import app
@@ -134,14 +134,6 @@ def test_full_loop(tmp_path, tiny_config):
         assert metrics["nfe"][str(k)]["w2"] == pytest.approx(expected_w2, rel=1e-4)
     assert metrics["reference_solve"]["solver"] == "adaptive" and metrics["reference_solve"]["nfe"] > 0
     assert metrics["straightness"] >= 0 and metrics["curvature"] >= 0
-
-
-def one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, tiny_flow):

@@ -2,7 +2,7 @@
 perceptual losses; their errors are one line."""
 
 import numpy as np
-from helpers import cli_ok
+from helpers import cli_ok, one_error_line
 from typer.testing import CliRunner
 
 from reflow.cli.app import app
@@ -12,14 +12,6 @@ TINY = ("--batch-size", 32, "--log-with", "none")
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_train_help_names_the_student_options():

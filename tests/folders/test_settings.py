@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from helpers import one_error_line
 from typer.testing import CliRunner
 
 from reflow.cli.app import app
@@ -114,13 +115,6 @@ def test_read_toml_one_line(tmp_path):
     path.write_text("lr = \n")
     with pytest.raises(ReflowError, match="not valid TOML"):
         read_toml(path)
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
 
 
 def test_cli_train_bad_config(tmp_path):

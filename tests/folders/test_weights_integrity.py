@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from ddpm_helpers import tiny_unet
+from helpers import one_error_line
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -40,13 +41,6 @@ def truncate(file: Path) -> None:
 def weights_of(folder: Path) -> Path:
     (file,) = folder.rglob("*.safetensors")
     return file
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import time
 import datasets
 import numpy as np
 import pytest
-from helpers import f32_atol
+from helpers import f32_atol, one_error_line
 from typer.testing import CliRunner
 
 from reflow.cli.app import app
@@ -29,15 +29,6 @@ HOST = socket.gethostname().replace("-", "_")
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result, *needles) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def dead_pid() -> int:
